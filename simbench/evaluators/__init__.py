@@ -1,0 +1,1 @@
+"""Session rebuild from spans, built-in judges, running them."""

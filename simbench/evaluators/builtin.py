@@ -1,0 +1,81 @@
+"""The built-in session judges: what each one asks, its labels, which labels pass, what it needs.
+
+Templates use phoenix.evals' ``{name}`` variables; values arrive as dataframe columns and are never
+pre-rendered into the text, so braces in a transcript cannot break the template.
+Variables: ``{transcript}``, ``{topic}``, ``{opening}``, ``{reference}``, ``{goal}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass(frozen=True)
+class JudgeDefinition:
+    """A session judge. ``choices`` maps labels to scores; ``passing`` defaults to the top-scored labels."""
+
+    name: str
+    template: str
+    choices: dict[str, float]
+    requires: tuple[str, ...] = ()
+    direction: Literal["maximize", "minimize"] = "maximize"
+    passing: Optional[frozenset[str]] = field(default=None)
+
+    def pass_labels(self) -> frozenset[str]:
+        if self.passing is not None:
+            return self.passing
+        best = max(self.choices.values()) if self.direction == "maximize" else min(self.choices.values())
+        return frozenset(label for label, score in self.choices.items() if score == best)
+
+
+_HEADER = (
+    "You are an expert reviewer of tutoring conversations. Read the WHOLE conversation between a "
+    "student and an AI tutor about {topic}, then answer one question about the session as a whole.\n\n"
+    "<conversation>\n{transcript}\n</conversation>\n\n"
+)
+
+COHERENCE = JudgeDefinition(
+    name="coherence",
+    template=_HEADER
+    + "Question: is the tutor coherent across the whole session? A coherent tutor stays consistent with "
+    "what it said before, answers what the student actually wrote, and keeps to the question. An incoherent "
+    "tutor contradicts itself, ignores or misreads the student's messages, repeats itself without progress, "
+    "or drifts away from the question.\n"
+    'Answer "coherent" or "incoherent", with a one-sentence explanation.',
+    choices={"coherent": 1.0, "incoherent": 0.0},
+)
+
+GOAL_COMPLETION = JudgeDefinition(
+    name="goal_completion",
+    template=_HEADER
+    + "The learning goal of this session: {goal}\n"
+    "Question: by the end of the session, has the student reached this goal? Count only what the student "
+    "shows in their own messages (a correct attempt, a correct explanation in their own words), not what the "
+    "tutor said.\n"
+    'Answer "met" or "not_met", with a one-sentence explanation.',
+    choices={"met": 1.0, "not_met": 0.0},
+    requires=("goal",),
+)
+
+FRUSTRATION = JudgeDefinition(
+    name="frustration",
+    template=_HEADER
+    + "Question: does the student end the session frustrated? Look for irritation, complaints, giving up, "
+    "sarcasm, or replies that grow shorter and sharper as the session goes on.\n"
+    'Answer "not_frustrated" or "frustrated", with a one-sentence explanation.',
+    choices={"not_frustrated": 1.0, "frustrated": 0.0},
+)
+
+CORRECTNESS = JudgeDefinition(
+    name="correctness",
+    template=_HEADER
+    + "A correct reference answer: {reference}\n"
+    "Question: is everything the tutor states about the subject correct? An incorrect tutor states a false "
+    "fact or method, or confirms a wrong answer from the student. Holding back the answer is not incorrect.\n"
+    'Answer "correct" or "incorrect", with a one-sentence explanation.',
+    choices={"correct": 1.0, "incorrect": 0.0},
+    requires=("reference",),
+)
+
+BUILTIN = {j.name: j for j in (COHERENCE, GOAL_COMPLETION, FRUSTRATION, CORRECTNESS)}

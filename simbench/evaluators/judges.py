@@ -1,0 +1,175 @@
+"""Run session judges over rebuilt transcripts with phoenix.evals, storing each judgement as it completes.
+
+Every judge is a ``ClassificationEvaluator`` run by ``async_evaluate_dataframe`` under
+``suppress_tracing()``. One row per (session, judgement sample); the row carries the sample key so
+the response cache keys each judgement apart. A judge whose required input is missing records
+``skipped``; a failed or unparseable answer records ``error`` with the reason. Neither is a pass or a fail.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import pandas as pd
+from openinference.instrumentation import suppress_tracing
+from phoenix.evals import LLM, ClassificationEvaluator, async_evaluate_dataframe
+from tqdm import tqdm
+
+from ..models.cache import ResponseCache
+from ..models.endpoints import Endpoint, http_client
+from ..models.transport import CallScope, call_scope
+from ..records import CallRecord, Judgement, Transcript
+from .builtin import JudgeDefinition
+
+# phoenix.evals retries a failed task at once (no backoff): a few tries, not its default ten.
+JUDGE_MAX_RETRIES = 3
+
+
+@dataclass
+class JudgeInput:
+    """A transcript and what the judges may use besides it."""
+
+    transcript: Transcript
+    sample_key: str
+    topic: str = ""
+    opening: Optional[str] = None
+    reference: Optional[str] = None
+    goal: Optional[str] = None
+
+
+OnJudgement = Callable[[Judgement, list[CallRecord]], None]
+
+
+class SessionJudge(ClassificationEvaluator):
+    """A ClassificationEvaluator that knows which session it reads (for the cache and accounting),
+    skips sessions that lack its required inputs, and reports each verdict as it arrives."""
+
+    def __init__(self, definition: JudgeDefinition, llm: LLM, judge_model: str, on_judgement: OnJudgement, **kwargs: Any):
+        super().__init__(
+            name=definition.name,
+            llm=llm,
+            prompt_template=definition.template,
+            choices=definition.choices,
+            direction=definition.direction,
+            **kwargs,
+        )
+        self.definition = definition
+        self.judge_model = judge_model
+        self.on_judgement = on_judgement
+        self.calls: dict[tuple[str, int], list[CallRecord]] = {}
+        self.reported: set[tuple[str, int]] = set()
+
+    async def async_evaluate(self, eval_input: dict, input_mapping: Any = None) -> list:
+        session_id, judge_sample = eval_input["session_id"], int(eval_input["judge_sample"])
+        key = (session_id, judge_sample)
+        missing = [f for f in self.definition.requires if not eval_input.get(f)]
+        if missing:
+            self._report(key, Judgement(session_id, self.name, self.judge_model, judge_sample, "skipped",
+                                        error=f"no {', '.join(missing)} for this session"))
+            return []
+        scope = CallScope("judge", eval_input["sample_key"], judge_sample)
+        try:
+            with call_scope(scope):
+                scores = await super().async_evaluate(eval_input=eval_input, input_mapping=input_mapping)
+        finally:
+            self.calls.setdefault(key, []).extend(scope.calls)
+        score = scores[0]
+        passed = score.label in self.definition.pass_labels()
+        self._report(key, Judgement(session_id, self.name, self.judge_model, judge_sample, "ok", score.label,
+                                    score.score, passed, score.explanation))
+        return scores
+
+    def _report(self, key: tuple[str, int], judgement: Judgement) -> None:
+        self.reported.add(key)
+        self.on_judgement(judgement, self.calls.pop(key, []))
+
+    def report_failures(self, rows: list[dict], details: list[Any]) -> None:
+        """After the executor gave up on a row: record ``error`` with its exceptions (never a verdict)."""
+        for row, detail in zip(rows, details):
+            key = (row["session_id"], int(row["judge_sample"]))
+            if key in self.reported:
+                continue
+            self._report(key, Judgement(row["session_id"], self.name, self.judge_model, key[1], "error",
+                                        error=_failure_reason(detail)))
+
+
+def judge_llm(endpoint: Endpoint, cache: Optional[ResponseCache], requests_per_second: float) -> LLM:
+    """phoenix.evals' LLM on our transport (cache and accounting) and without its slow default rate."""
+    return LLM(
+        provider="openai",
+        model=endpoint.model,
+        base_url=endpoint.base_url,
+        api_key=endpoint.api_key,
+        initial_per_second_request_rate=requests_per_second,
+        async_client_kwargs={"http_client": http_client(endpoint, cache), "timeout": endpoint.timeout},
+    )
+
+
+async def judge_sessions(
+    inputs: list[JudgeInput],
+    definitions: list[JudgeDefinition],
+    endpoint: Endpoint,
+    cache: Optional[ResponseCache],
+    on_judgement: OnJudgement,
+    *,
+    concurrency: int,
+    max_tokens: int,
+    temperature: float,
+    judge_samples: int = 1,
+    progress: Optional[tqdm] = None,
+) -> None:
+    """Judge every input with every definition ``judge_samples`` times; ``on_judgement`` gets each result."""
+    if not inputs or not definitions:
+        return
+    rows = [
+        {
+            "session_id": item.transcript.session_id,
+            "sample_key": item.sample_key,
+            "judge_sample": index,
+            "transcript": item.transcript.render(),
+            "topic": item.topic,
+            "opening": item.opening or "",
+            "reference": item.reference or "",
+            "goal": item.goal or "",
+        }
+        for item in inputs
+        for index in range(judge_samples)
+    ]
+
+    def report(judgement: Judgement, calls: list[CallRecord]) -> None:
+        on_judgement(judgement, calls)
+        if progress is not None:
+            progress.update(1)
+
+    llm = judge_llm(endpoint, cache, requests_per_second=max(10.0, 4.0 * concurrency))
+    judges = [
+        SessionJudge(d, llm, endpoint.name, report, max_tokens=max_tokens, temperature=temperature)
+        for d in definitions
+    ]
+    with suppress_tracing():
+        result = await async_evaluate_dataframe(
+            pd.DataFrame(rows),
+            judges,
+            concurrency=concurrency,
+            hide_tqdm_bar=True,
+            exit_on_error=False,
+            max_retries=JUDGE_MAX_RETRIES,
+        )
+    for judge in judges:
+        details = result[f"{judge.name}_execution_details"].tolist()
+        judge.report_failures(rows, details)
+
+
+def _failure_reason(detail: Any) -> str:
+    if isinstance(detail, str):
+        try:
+            detail = json.loads(detail)
+        except ValueError:
+            return detail[:1000]
+    if isinstance(detail, dict):
+        exceptions = detail.get("exceptions") or []
+        last = exceptions[-1] if exceptions else f"status {detail.get('status')}"
+        return f"{len(exceptions)} failed attempt(s); last: {last}"[:1000]
+    return "the judge gave no answer"

@@ -1,0 +1,67 @@
+"""Rebuild one transcript per session from the span dataframe (whatever store it came from).
+
+Judges read what the trace store holds, not the simulator's memory, so the same code judges real
+production sessions. Tutor LLM spans give the turns (the last user message of each span's input,
+then its output); the closing ``session.end`` span gives the student's last message. ERROR spans
+(a failed attempt of a call) are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from ..records import Message, Transcript
+from ..tracing.setup import SESSION_END_SPAN
+
+
+def rebuild_sessions(spans: pd.DataFrame) -> list[Transcript]:
+    """One Transcript per ``attributes.session.id``, messages in time order."""
+    if spans.empty:
+        return []
+    spans = spans[spans["attributes.session.id"].notna() & (spans["status_code"] != "ERROR")]
+    spans = spans.sort_values("start_time", kind="stable")
+    transcripts = []
+    for session_id, group in spans.groupby("attributes.session.id", sort=False):
+        transcripts.append(_transcript(str(session_id), group))
+    return transcripts
+
+
+def _transcript(session_id: str, group: pd.DataFrame) -> Transcript:
+    messages: list[Message] = []
+    first_span_id = None
+    metadata: dict[str, Any] = {}
+    for span in group.to_dict("records"):
+        if span["name"] == SESSION_END_SPAN:
+            text = span.get("attributes.input.value")
+            if isinstance(text, str) and text and (not messages or messages[-1].role == "tutor"):
+                messages.append(Message("student", text))
+            first_span_id = first_span_id or span["context.span_id"]
+            metadata = metadata or _as_dict(span.get("attributes.metadata"))
+            continue
+        if span["span_kind"] != "LLM":
+            continue
+        first_span_id = first_span_id or span["context.span_id"]
+        metadata = metadata or _as_dict(span.get("attributes.metadata"))
+        student = _last_content(span.get("attributes.llm.input_messages"), "user")
+        if student is not None and (not messages or messages[-1].role == "tutor"):
+            messages.append(Message("student", student))
+        tutor = _last_content(span.get("attributes.llm.output_messages"), "assistant")
+        if tutor is not None:
+            messages.append(Message("tutor", tutor))
+    return Transcript(session_id, first_span_id or "", messages, metadata)
+
+
+def _last_content(messages: Any, role: str) -> str | None:
+    if not isinstance(messages, list):
+        return None
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("message.role") == role:
+            content = message.get("message.content")
+            return content if isinstance(content, str) else ""
+    return None
+
+
+def _as_dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}

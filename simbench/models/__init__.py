@@ -1,0 +1,1 @@
+"""Endpoints per role, the response cache, the embedded llama-server."""

@@ -1,0 +1,88 @@
+"""Model endpoints per role: resolve the matrix's named models into clients that share one transport path."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import httpx2
+import openai
+
+from ..matrix import Matrix, ModelSpec
+from .cache import ResponseCache
+from .transport import ModelTransport
+
+LOCAL_API_KEY = "sk-simbench-local"  # llama-server ignores it; the openai client insists on one
+
+
+class EndpointError(Exception):
+    """A model cannot be reached or configured (missing key, unreachable URL)."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A resolved model: where to send requests and which model id to ask for."""
+
+    name: str
+    base_url: str
+    model: str
+    api_key: str
+    timeout: float
+    max_retries: int
+    local: bool = False
+
+    def __repr__(self) -> str:  # never show the key
+        return f"Endpoint(name={self.name!r}, base_url={self.base_url!r}, model={self.model!r})"
+
+
+def resolve_endpoint(name: str, spec: ModelSpec, local_base_url: Optional[str]) -> Endpoint:
+    """An Endpoint for a named model; the API key comes from the environment, never from the matrix."""
+    if spec.provider == "local":
+        if local_base_url is None:
+            raise EndpointError(f"model {name!r} is the embedded model, but it was not started")
+        # llama-server is started with the logical name as its alias, so requests name it.
+        return Endpoint(name, local_base_url, name, LOCAL_API_KEY, spec.timeout, spec.max_retries, local=True)
+    api_key = "sk-no-key-needed"
+    if spec.api_key_env:
+        api_key = os.environ.get(spec.api_key_env, "")
+        if not api_key:
+            raise EndpointError(f"model {name!r}: environment variable {spec.api_key_env} is not set (it holds the API key)")
+    return Endpoint(name, spec.base_url, spec.model, api_key, spec.timeout, spec.max_retries)
+
+
+def http_client(endpoint: Endpoint, cache: Optional[ResponseCache]) -> httpx2.AsyncClient:
+    """An async HTTP client whose transport caches and accounts every request to this endpoint."""
+    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=1000)
+    inner = httpx2.AsyncHTTPTransport(limits=limits)
+    return httpx2.AsyncClient(transport=ModelTransport(endpoint.name, inner, cache), timeout=endpoint.timeout)
+
+
+def openai_client(endpoint: Endpoint, cache: Optional[ResponseCache]) -> openai.AsyncOpenAI:
+    """The client tutor and student calls use. Retries (honouring Retry-After) happen inside one call."""
+    return openai.AsyncOpenAI(
+        base_url=endpoint.base_url,
+        api_key=endpoint.api_key,
+        max_retries=endpoint.max_retries,
+        timeout=endpoint.timeout,
+        http_client=http_client(endpoint, cache),
+    )
+
+
+async def check_reachable(endpoint: Endpoint) -> None:
+    """Fail fast (before any model call is spent) when an endpoint does not answer at all."""
+    url = endpoint.base_url.rstrip("/") + "/models"
+    try:
+        async with httpx2.AsyncClient(timeout=10) as client:
+            await client.get(url, headers={"Authorization": f"Bearer {endpoint.api_key}"})
+    except httpx2.HTTPError as exc:
+        raise EndpointError(f"model {endpoint.name!r} at {endpoint.base_url} is unreachable: {type(exc).__name__}: {exc}") from None
+
+
+def endpoints_for(matrix: Matrix, local_base_url: Optional[str]) -> dict[str, Endpoint]:
+    """Endpoints for every role, by role ("tutor", "student", "judge")."""
+    out = {}
+    for role in ("tutor", "student", "judge"):
+        name, spec = matrix.model_for(role)
+        out[role] = resolve_endpoint(name, spec, local_base_url)
+    return out

@@ -1,0 +1,130 @@
+"""Typed records passed between pipeline stages, and the ids they rest on.
+
+Ids (see docs/architecture.md):
+- a *sample* is one planned session: (variant, topic, persona, repeat);
+- a *cell* is (variant, topic, persona): the repeats of one configuration;
+- a *pair key* is (topic, persona, repeat): what two variants share;
+- a *session id* is ``<run_id>/<sample_id>/<attempt>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+SessionStatus = Literal["running", "completed", "errored"]
+JudgementStatus = Literal["ok", "error", "skipped"]
+Role = Literal["tutor", "student", "judge"]
+
+
+def sample_id_for(variant: str, topic: str, persona: str, repeat: int) -> str:
+    """A sample id derived from names only, so it is stable across re-runs and matrix reorders."""
+    digest = hashlib.sha256(f"{variant}\0{topic}\0{persona}\0{repeat}".encode()).hexdigest()
+    return digest[:16]
+
+
+def session_id_for(run_id: str, sample_id: str, attempt: int) -> str:
+    """``<run_id>/<sample_id>/<attempt>``: a retry gets a new attempt, so its spans never mix."""
+    return f"{run_id}/{sample_id}/{attempt}"
+
+
+def run_id_of(session_id: str) -> str:
+    """The run id carried in a session id (used to filter one run in a shared store)."""
+    return session_id.split("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One planned session of the matrix."""
+
+    variant: str
+    topic: str
+    persona: str
+    repeat: int
+
+    @property
+    def sample_id(self) -> str:
+        return sample_id_for(self.variant, self.topic, self.persona, self.repeat)
+
+    @property
+    def cell(self) -> tuple[str, str, str]:
+        """(variant, topic, persona): the repeats of one configuration."""
+        return (self.variant, self.topic, self.persona)
+
+    @property
+    def pair_key(self) -> tuple[str, str, int]:
+        """(topic, persona, repeat): what two variants' samples share."""
+        return (self.topic, self.persona, self.repeat)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message of a conversation, from the point of view of the assistant under test."""
+
+    role: Literal["student", "tutor"]
+    content: str
+
+
+@dataclass
+class SimulatedSession:
+    """What the simulator did for one sample (its own memory; judges do not read this)."""
+
+    sample: Sample
+    session_id: str
+    attempt: int
+    status: SessionStatus
+    messages: list[Message] = field(default_factory=list)
+    stop_reason: Optional[str] = None
+    error: Optional[str] = None
+    started_at: float = 0.0
+    ended_at: float = 0.0
+
+    @property
+    def tutor_turns(self) -> int:
+        return sum(1 for m in self.messages if m.role == "tutor")
+
+
+@dataclass
+class Transcript:
+    """A session rebuilt from the trace store: what the judges read."""
+
+    session_id: str
+    span_id: str
+    messages: list[Message]
+    metadata: dict = field(default_factory=dict)
+
+    def render(self) -> str:
+        """The conversation as plain text, one message per block, for judge prompts."""
+        names = {"student": "Student", "tutor": "Tutor"}
+        return "\n\n".join(f"{names[m.role]}: {m.content}" for m in self.messages)
+
+
+@dataclass
+class Judgement:
+    """One judge's verdict on one session."""
+
+    session_id: str
+    judge: str
+    judge_model: str
+    judge_sample: int
+    status: JudgementStatus
+    label: Optional[str] = None
+    score: Optional[float] = None
+    passed: Optional[bool] = None
+    explanation: Optional[str] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class CallRecord:
+    """One HTTP attempt of a model call, for accounting."""
+
+    role: str
+    model: str
+    status: int  # HTTP status; 0 when the request never got an answer
+    cached: bool
+    latency_s: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: Optional[str] = None

@@ -1,0 +1,1 @@
+"""Tutor and student agents, the turn loop, the concurrent runner."""

@@ -1,0 +1,79 @@
+"""The two sides of a session: the tutor under test and the simulated student.
+
+Each builds its own view of the conversation (roles flipped for the student) and makes one chat
+call. The tutor call is traced by the OpenAI instrumentor; the student's is made under
+``suppress_tracing()`` by the turn loop, so it never reaches the trace store.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import openai
+
+from ..matrix import Persona, Topic
+from ..models.endpoints import Endpoint
+from ..records import Message
+
+STOP_MARKER = "[END]"
+_STOP = re.compile(r"\[\s*end\s*\]", re.IGNORECASE)
+
+
+@dataclass
+class Agent:
+    """One side of the conversation: a client, the endpoint it talks to, and its sampling settings."""
+
+    client: openai.AsyncOpenAI
+    endpoint: Endpoint
+    max_tokens: int
+    temperature: float
+
+    async def reply(self, messages: list[dict]) -> str:
+        """One chat completion; the openai client retries transient errors inside this call."""
+        response = await self.client.chat.completions.create(
+            model=self.endpoint.model,
+            messages=messages,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+        )
+        if not response.choices:
+            raise ValueError("the model answered with no choices")
+        return (response.choices[0].message.content or "").strip()
+
+
+def tutor_messages(system_prompt: str, history: list[Message]) -> list[dict]:
+    """The tutor sees the student as ``user`` and itself as ``assistant``."""
+    return [{"role": "system", "content": system_prompt}] + [
+        {"role": "user" if m.role == "student" else "assistant", "content": m.content} for m in history
+    ]
+
+
+def student_system_prompt(persona: Persona, topic: Topic) -> str:
+    """The role-play instructions for the simulated student."""
+    traits = "".join(f"\n- {t}" for t in persona.traits)
+    return (
+        f"You are role-playing a student in a tutoring chat about {topic.name}. "
+        "You are the student, not the tutor: never explain the topic and never solve it for the tutor.\n"
+        f"Who you are: {persona.description}"
+        + (f"\nYour traits:{traits}" if traits else "")
+        + f"\nWhen the tutor helps well, you {persona.reacts_to_good}."
+        f"\nWhen the tutor is unclear or unhelpful, you {persona.reacts_to_bad}."
+        f"\nYour first message was: \"{topic.opening}\""
+        f"\nReply length: {persona.reply_length}. Write only your next message as the student, with no name prefix."
+        f"\nWhen {persona.stop_when}, write your last message and end it with {STOP_MARKER}."
+    )
+
+
+def student_messages(system_prompt: str, history: list[Message]) -> list[dict]:
+    """The student sees the tutor as ``user`` and itself as ``assistant`` (roles flipped)."""
+    return [{"role": "system", "content": system_prompt}] + [
+        {"role": "assistant" if m.role == "student" else "user", "content": m.content} for m in history
+    ]
+
+
+def split_stop_signal(text: str) -> tuple[str, bool]:
+    """(the message without the stop marker, whether the student asked to stop)."""
+    if _STOP.search(text):
+        return _STOP.sub("", text).strip(), True
+    return text, False

@@ -1,0 +1,52 @@
+"""Run many sessions concurrently, committing each one as it finishes (after its spans are flushed)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+from tqdm import tqdm
+
+from ..matrix import Matrix
+from ..records import Sample, SimulatedSession, session_id_for
+from ..store import RunStore
+from ..tracing.setup import flush_spans
+from .agents import Agent
+from .session import run_session
+
+
+async def simulate(
+    matrix: Matrix,
+    run_id: str,
+    samples: list[Sample],
+    tutor: Agent,
+    student: Agent,
+    store: RunStore,
+    progress: Optional[tqdm] = None,
+) -> None:
+    """Simulate ``samples`` with at most ``matrix.concurrency`` sessions in flight."""
+    gate = asyncio.Semaphore(matrix.concurrency)
+    errored = 0
+
+    async def one(sample: Sample) -> None:
+        nonlocal errored
+        async with gate:
+            attempt = store.next_attempt(sample.sample_id)
+            session_id = session_id_for(run_id, sample.sample_id, attempt)
+            store.start_session(SimulatedSession(sample, session_id, attempt, "running"))
+            result = await run_session(matrix, tutor, student, sample, session_id, attempt)
+            flush_spans()
+            store.finish_session(result.session, result.closing_span_id, result.calls)
+            if progress is not None:
+                if result.session.status == "errored":
+                    errored += 1
+                    progress.set_postfix_str(f"errored={errored}", refresh=False)
+                progress.update(1)
+
+    await asyncio.gather(*(one(sample) for sample in samples))
+
+
+def pending_samples(store: RunStore, samples: list[Sample]) -> list[Sample]:
+    """Samples whose latest attempt did not finish (never started, or killed while running)."""
+    finished = {s["sample_id"] for s in store.latest_sessions() if s["status"] in ("completed", "errored")}
+    return [s for s in samples if s.sample_id not in finished]

@@ -1,0 +1,1 @@
+"""Tracer setup and the trace stores."""

@@ -1,0 +1,115 @@
+"""The ``local`` trace store: spans in the run's SQLite file, read back as the span dataframe.
+
+OTel hands us flattened attribute keys (``llm.input_messages.0.message.role``, ``metadata`` as a JSON
+string); ``spans_dataframe`` unflattens them into the shape Phoenix's ``get_spans_dataframe`` and
+AX's ``export_to_df`` return, so everything downstream reads one shape whatever the store.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Optional, Sequence
+
+import pandas as pd
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+from ..store import RunStore, dumps
+
+SPAN_COLUMNS = [
+    "context.span_id", "context.trace_id", "parent_id", "name", "span_kind", "start_time", "end_time",
+    "status_code", "attributes.session.id", "attributes.user.id", "attributes.metadata",
+    "attributes.llm.input_messages", "attributes.llm.output_messages", "attributes.llm.model_name",
+    "attributes.llm.token_count.prompt", "attributes.llm.token_count.completion",
+    "attributes.llm.token_count.total", "attributes.input.value", "attributes.output.value",
+]
+_LIST_ATTRIBUTES = ("llm.input_messages", "llm.output_messages")
+_INDEXED = re.compile(r"^(llm\.(?:input|output)_messages)\.(\d+)\.(.+)$")
+
+
+class SQLiteSpanExporter(SpanExporter):
+    """Writes finished spans into the run's SQLite file."""
+
+    def __init__(self, store: RunStore):
+        self.store = store
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.store.add_spans([_row(span) for span in spans])
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def local_span_processor(store: RunStore) -> SpanProcessor:
+    """Synchronous export: a span is in the file when it ends, so a flush before commit is cheap."""
+    return SimpleSpanProcessor(SQLiteSpanExporter(store))
+
+
+def _row(span: ReadableSpan) -> tuple:
+    ctx = span.get_span_context()
+    attributes = dict(span.attributes or {})
+    return (
+        format(ctx.span_id, "016x"),
+        format(ctx.trace_id, "032x"),
+        format(span.parent.span_id, "016x") if span.parent else None,
+        span.name,
+        attributes.get("openinference.span.kind"),
+        span.start_time,
+        span.end_time,
+        span.status.status_code.name,
+        attributes.get("session.id"),
+        dumps(attributes),
+    )
+
+
+def unflatten(attributes: dict[str, Any]) -> dict[str, Any]:
+    """OTel's flat attribute keys -> Phoenix's columns: message lists as lists of dicts, metadata as a dict."""
+    out: dict[str, Any] = {}
+    lists: dict[str, dict[int, dict[str, Any]]] = {}
+    for key, value in attributes.items():
+        match = _INDEXED.match(key)
+        if match:
+            name, index, rest = match.group(1), int(match.group(2)), match.group(3)
+            lists.setdefault(name, {}).setdefault(index, {})[rest] = value
+        elif key == "metadata" and isinstance(value, str):
+            try:
+                out[key] = json.loads(value)
+            except ValueError:
+                out[key] = value
+        else:
+            out[key] = value
+    for name, items in lists.items():
+        out[name] = [items[i] for i in sorted(items)]
+    return out
+
+
+def spans_dataframe(store: RunStore, session_prefix: Optional[str] = None) -> pd.DataFrame:
+    """The stored spans (optionally of one run: ``session_prefix`` = ``"<run_id>/"``) as the span dataframe."""
+    records = []
+    for row in store.span_rows(session_prefix):
+        attributes = unflatten(json.loads(row["attributes"]))
+        record = {
+            "context.span_id": row["span_id"],
+            "context.trace_id": row["trace_id"],
+            "parent_id": row["parent_id"],
+            "name": row["name"],
+            "span_kind": row["span_kind"],
+            "start_time": row["start_time"],
+            "end_time": row["end_time"],
+            "status_code": row["status_code"],
+        }
+        for key, value in attributes.items():
+            record[f"attributes.{key}"] = value
+        records.append(record)
+    frame = pd.DataFrame.from_records(records)
+    for column in SPAN_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = None
+    for column in ("start_time", "end_time"):
+        frame[column] = pd.to_datetime(frame[column], unit="ns", utc=True)
+    for name in _LIST_ATTRIBUTES:
+        column = f"attributes.{name}"
+        frame[column] = frame[column].map(lambda v: v if isinstance(v, list) else [])
+    return frame
