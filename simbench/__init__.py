@@ -6,7 +6,19 @@ From Python: ``load_matrix`` then ``run_matrix``.
 
 __version__ = "0.1.0"
 
-from .matrix import Matrix, MatrixError, load_matrix  # noqa: E402
-from .pipeline import RunError, RunOutcome, rebuild_report, run_matrix  # noqa: E402
-
 __all__ = ["Matrix", "MatrixError", "RunError", "RunOutcome", "load_matrix", "rebuild_report", "run_matrix", "__version__"]
+
+_LAZY = {
+    "Matrix": "matrix", "MatrixError": "matrix", "load_matrix": "matrix",
+    "RunError": "pipeline", "RunOutcome": "pipeline", "rebuild_report": "pipeline", "run_matrix": "pipeline",
+}
+
+
+def __getattr__(name: str):
+    # Imported on first use: the pipeline pulls in pandas and phoenix.evals, which `simbench validate`
+    # and `--help` do not need.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'simbench' has no attribute {name!r}")

@@ -13,7 +13,11 @@ from . import __version__
 from .matrix import MatrixError, load_matrix
 from .models import embedded
 from .models.cache import default_cache_path
-from .pipeline import RunError, RunOutcome, rebuild_report, run_matrix
+
+from .reports import COMPARE_FILE
+
+# The pipeline and reports import pandas, scipy and phoenix.evals (seconds): commands import them
+# when they run, so `--help` and `validate` answer at once.
 
 EXIT_GATE, EXIT_INPUT, EXIT_RUN = 1, 2, 3
 
@@ -46,7 +50,7 @@ def _parse_gates(values: tuple[str, ...]) -> dict[str, float]:
     return gates
 
 
-def _print_outcome(outcome: RunOutcome) -> None:
+def _print_outcome(outcome) -> None:
     s = outcome.summary["sessions"]
     click.echo(f"sessions: {s['planned']} planned, {s['completed']} completed, {s['errored']} errored")
     for dim, d in outcome.summary["dimensions"].items():
@@ -79,12 +83,18 @@ def cli() -> None:
               help=f"Response cache file shared by runs (default: {default_cache_path()}).")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the response cache.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def run(matrix: str, out: Optional[str], resume: bool, gates: tuple[str, ...], cache: Optional[str], no_cache: bool, quiet: bool) -> None:
+@click.option("--junit", "junit", type=click.Path(dir_okay=False), default=None,
+              help="Also write JUnit XML: one test case per variant x dimension, failing when its gate fails.")
+def run(matrix: str, out: Optional[str], resume: bool, gates: tuple[str, ...], cache: Optional[str], no_cache: bool, quiet: bool,
+        junit: Optional[str]) -> None:
     """Simulate, judge and report every session of MATRIX.
 
     Writes RUN_DIR/run.sqlite (everything), RUN_DIR/report.html and RUN_DIR/summary.json.
     Exit codes: 0 done, 1 a gate failed, 2 invalid input, 3 the run could not complete.
     """
+    from .pipeline import RunError, run_matrix
+    from .reports.junit import write_junit
+
     spec = _load(matrix)
     gate_map = _parse_gates(gates)
     cache_path = None if no_cache else Path(cache) if cache else default_cache_path()
@@ -98,6 +108,8 @@ def run(matrix: str, out: Optional[str], resume: bool, gates: tuple[str, ...], c
         click.echo(f"\ninterrupted; finished sessions are saved. Resume with: simbench run {matrix}{where} --resume", err=True)
         sys.exit(130)
     _print_outcome(outcome)
+    if junit:
+        click.echo(f"junit:   {write_junit(outcome.summary, Path(junit))}")
     if outcome.gate_failures:
         sys.exit(EXIT_GATE)
 
@@ -116,15 +128,45 @@ def validate(matrix: str) -> None:
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--open", "open_", is_flag=True, help="Open the report in a browser.")
-def report(run_dir: str, open_: bool) -> None:
+@click.option("--junit", "junit", type=click.Path(dir_okay=False), default=None,
+              help="Also write JUnit XML: one test case per variant x dimension, failing when its gate fails.")
+def report(run_dir: str, open_: bool, junit: Optional[str]) -> None:
     """Rebuild RUN_DIR/report.html and summary.json from the run's file (no model calls)."""
+    from .pipeline import RunError, rebuild_report
+    from .reports.junit import write_junit
+
     try:
         outcome = rebuild_report(Path(run_dir))
     except RunError as exc:
         _fail(str(exc), exc.exit_code)
     _print_outcome(outcome)
+    if junit:
+        click.echo(f"junit:   {write_junit(outcome.summary, Path(junit))}")
     if open_:
         webbrowser.open(outcome.report_path.resolve().as_uri())
+
+
+@cli.command()
+@click.argument("run_dir_a", type=click.Path(file_okay=False))
+@click.argument("run_dir_b", type=click.Path(file_okay=False))
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
+              help=f"Comparison report (default: RUN_DIR_B/{COMPARE_FILE}).")
+def compare(run_dir_a: str, run_dir_b: str, out: Optional[str]) -> None:
+    """Compare run B with run A on the samples they share (same topic, persona, repeat and variant).
+
+    Paired statistics per variant and dimension: the difference in pass rate with a 95% interval and
+    an exact McNemar test, Holm-corrected. "better" means run B passes more often than run A.
+    """
+    from .reports.compare import CompareError, compare_runs, verdict_lines, write_comparison
+
+    try:
+        comparison = compare_runs(Path(run_dir_a), Path(run_dir_b))
+    except CompareError as exc:
+        _fail(str(exc), EXIT_INPUT)
+    path = write_comparison(comparison, Path(out) if out else Path(run_dir_b) / COMPARE_FILE)
+    for line in verdict_lines(comparison.result):
+        click.echo(line)
+    click.echo(f"report: {path}")
 
 
 @cli.command("install-model")

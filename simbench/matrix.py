@@ -40,6 +40,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Price(_Strict):
+    """US dollars per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
 class ModelSpec(_Strict):
     """A named model endpoint. ``provider: local`` is the embedded llama.cpp server."""
 
@@ -47,10 +54,12 @@ class ModelSpec(_Strict):
     base_url: Optional[str] = None
     model: Optional[str] = None
     api_key_env: Optional[str] = None
+    concurrency: Optional[int] = Field(default=None, gt=0)
     rpm: Optional[int] = Field(default=None, gt=0)
     tpm: Optional[int] = Field(default=None, gt=0)
     timeout: float = Field(default=60.0, gt=0)
-    max_retries: int = Field(default=2, ge=0)
+    max_retries: int = Field(default=4, ge=0)
+    price: Optional[Price] = None
 
     @model_validator(mode="after")
     def _remote_needs_url_and_model(self) -> "ModelSpec":

@@ -24,8 +24,10 @@ from .evaluators.sessions import rebuild_sessions
 from .matrix import Matrix
 from .models.cache import ResponseCache
 from .models.embedded import EmbeddedModelError, EmbeddedServer, slot_context
-from .models.endpoints import Endpoint, EndpointError, check_reachable, endpoints_for, openai_client
+from .models.endpoints import Endpoint, EndpointError, check_reachable, endpoints_for, limiters_for, openai_client
+from .models.limits import RunCounters
 from .records import CallRecord, Judgement
+from .reports.gates import check_gates, gate_failures  # noqa: F401  (gate_failures: the public name)
 from .reports.html import write_report
 from .reports.summary import build_summary, write_summary
 from .simulator.agents import Agent
@@ -73,8 +75,10 @@ def run_matrix(
     cache_path: Optional[Path] = None,
     gates: Optional[dict[str, float]] = None,
     progress: bool = True,
+    judge: bool = True,
 ) -> RunOutcome:
-    """Simulate, judge and report a matrix. ``cache_path`` None turns the response cache off."""
+    """Simulate, judge and report a matrix. ``cache_path`` None turns the response cache off;
+    ``judge=False`` stops after simulation (sessions stay unjudged until a resumed run judges them)."""
     store, run_id, run_dir = _open_run(matrix, run_dir, resume)
     cache = ResponseCache(cache_path) if cache_path else None
     try:
@@ -84,7 +88,7 @@ def run_matrix(
             if uses_local:
                 _log("Using the embedded SmolLM2-135M model: it checks that the pipeline works; "
                      "do not trust its answers or its judgements.")
-            asyncio.run(_simulate_and_judge(matrix, run_id, store, endpoints, cache, progress))
+            asyncio.run(_simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge))
         store.finish_run("finished")
         outcome = _report(matrix, store, run_dir, gates)
         if outcome.summary["sessions"]["planned"] and not outcome.summary["sessions"]["completed"]:
@@ -150,19 +154,27 @@ def _endpoints(matrix: Matrix, local_url: Optional[str]) -> dict[str, Endpoint]:
     return endpoints
 
 
-async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress) -> None:
-    tutor = Agent(openai_client(endpoints["tutor"], cache), endpoints["tutor"], matrix.tutor.max_tokens, matrix.tutor.temperature)
-    student = Agent(openai_client(endpoints["student"], cache), endpoints["student"], matrix.student.max_tokens,
-                    matrix.student.temperature)
+async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge=True) -> None:
+    counters = RunCounters()
+    limiters = limiters_for(matrix, counters)
+    tutor = Agent(openai_client(endpoints["tutor"], cache, limiters[endpoints["tutor"].name]), endpoints["tutor"],
+                  matrix.tutor.max_tokens, matrix.tutor.temperature)
+    student = Agent(openai_client(endpoints["student"], cache, limiters[endpoints["student"].name]), endpoints["student"],
+                    matrix.student.max_tokens, matrix.student.temperature)
     todo = pending_samples(store, matrix.samples())
-    with route_spans_to(local_span_processor(store)):
-        with tqdm(total=len(matrix.samples()), initial=len(matrix.samples()) - len(todo), desc="sessions",
-                  unit="session", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
-            await simulate(matrix, run_id, todo, tutor, student, store, bar)
-    await _judge_run(matrix, run_id, store, endpoints["judge"], cache, progress)
+    try:
+        with route_spans_to(local_span_processor(store)):
+            with tqdm(total=len(matrix.samples()), initial=len(matrix.samples()) - len(todo), desc="sessions",
+                      unit="session", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+                await simulate(matrix, run_id, todo, tutor, student, store, bar, counters)
+    finally:
+        await tutor.client.close()
+        await student.client.close()
+    if judge:
+        await _judge_run(matrix, run_id, store, endpoints["judge"], cache, limiters[endpoints["judge"].name], progress)
 
 
-async def _judge_run(matrix, run_id, store, endpoint, cache, progress) -> None:
+async def _judge_run(matrix, run_id, store, endpoint, cache, limiter, progress) -> None:
     """Judge every completed session that has no verdict yet, reading transcripts from the trace store."""
     latest = {s["session_id"]: s for s in store.latest_sessions() if s["status"] == "completed"}
     done = {(j.session_id, j.judge) for j in store.judgements()}
@@ -182,35 +194,19 @@ async def _judge_run(matrix, run_id, store, endpoint, cache, progress) -> None:
     total = len(inputs) * len(definitions)
     with tqdm(total=total, desc="judgements", unit="judgement", disable=not progress or not total,
               file=sys.stderr, dynamic_ncols=True) as bar:
-        await judge_sessions(inputs, definitions, endpoint, cache, save, concurrency=matrix.concurrency,
+        await judge_sessions(inputs, definitions, endpoint, cache, limiter, save, concurrency=matrix.concurrency,
                              max_tokens=matrix.judges.max_tokens, temperature=matrix.judges.temperature, progress=bar)
 
 
 def _report(matrix: Matrix, store: RunStore, run_dir: Path, gates: Optional[dict[str, float]]) -> RunOutcome:
     summary = build_summary(store)
     thresholds = {**matrix.gates, **(gates or {})}
-    failures = gate_failures(summary, thresholds)
-    summary["gates"] = {"failures": failures, "thresholds": thresholds}
+    checks = check_gates(summary, thresholds)
+    failures = [c.message for c in checks if not c.passed]
+    summary["gates"] = {"failures": failures, "thresholds": thresholds, "checks": [c.as_dict() for c in checks]}
     summary_path = write_summary(summary, run_dir)
     report_path = write_report(store, summary, run_dir, matrix.uses_local())
     return RunOutcome(run_dir, summary, failures, report_path, summary_path)
-
-
-def gate_failures(summary: dict[str, Any], gates: dict[str, float]) -> list[str]:
-    """Gates are minimum pass rates per dimension, checked for every variant."""
-    failures = []
-    for dim, minimum in gates.items():
-        by_variant = summary["dimensions"].get(dim, {}).get("by_variant", {})
-        if not by_variant:
-            failures.append(f"{dim}: no judgements to check the gate against")
-        for variant, counts in by_variant.items():
-            if not counts["judged"]:
-                failures.append(f"{dim} / {variant}: nothing judged")
-                continue
-            rate = counts["pass"] / counts["judged"]
-            if rate < minimum:
-                failures.append(f"{dim} / {variant}: pass rate {rate:.2f} < gate {minimum:.2f}")
-    return failures
 
 
 def rebuild_report(run_dir: Path) -> RunOutcome:

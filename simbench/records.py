@@ -128,3 +128,4 @@ class CallRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Optional[str] = None
+    attempt: int = 0  # 0 for the first try of a call, then 1, 2, ... for its retries

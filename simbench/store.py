@@ -52,7 +52,7 @@ def _migration_1() -> str:
         CREATE TABLE calls (
             session_id TEXT NOT NULL, role TEXT NOT NULL, model TEXT NOT NULL, status INTEGER NOT NULL,
             cached INTEGER NOT NULL, latency_s REAL NOT NULL, prompt_tokens INTEGER NOT NULL,
-            completion_tokens INTEGER NOT NULL, error TEXT
+            completion_tokens INTEGER NOT NULL, error TEXT, attempt INTEGER NOT NULL DEFAULT 0
         );
         CREATE INDEX calls_by_session ON calls(session_id);
         """
@@ -165,9 +165,9 @@ class RunStore:
 
     def _insert_calls(self, session_id: str, calls: list[CallRecord]) -> None:
         self._db.executemany(
-            "INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(session_id, c.role, c.model, c.status, int(c.cached), c.latency_s, c.prompt_tokens,
-              c.completion_tokens, c.error) for c in calls],
+              c.completion_tokens, c.error, c.attempt) for c in calls],
         )
 
     def next_attempt(self, sample_id: str) -> int:
@@ -234,16 +234,20 @@ class RunStore:
         ]
 
     def usage_by_session(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """{session_id: {role: {calls, cached, errors, prompt_tokens, completion_tokens, latency_s}}}."""
+        """{session_id: {role: {calls, retries, cached, errors, prompt_tokens, completion_tokens, latency_s}}}.
+
+        ``calls`` counts first tries, ``retries`` the attempts after them, ``errors`` attempts that failed.
+        """
         rows = self._read(
-            "SELECT session_id, role, COUNT(*) AS calls, SUM(cached) AS cached, SUM(error IS NOT NULL) AS errors,"
+            "SELECT session_id, role, SUM(attempt = 0) AS calls, SUM(attempt > 0) AS retries,"
+            " SUM(cached) AS cached, SUM(error IS NOT NULL) AS errors,"
             " SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens,"
             " SUM(latency_s) AS latency_s FROM calls GROUP BY session_id, role"
         )
         out: dict[str, dict[str, dict[str, Any]]] = {}
         for r in rows:
             out.setdefault(r["session_id"], {})[r["role"]] = {
-                k: r[k] for k in ("calls", "cached", "errors", "prompt_tokens", "completion_tokens", "latency_s")
+                k: r[k] for k in ("calls", "retries", "cached", "errors", "prompt_tokens", "completion_tokens", "latency_s")
             }
         return out
 

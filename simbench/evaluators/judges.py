@@ -8,10 +8,15 @@ the response cache keys each judgement apart. A judge whose required input is mi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import httpx2
 import pandas as pd
 from openinference.instrumentation import suppress_tracing
 from phoenix.evals import LLM, ClassificationEvaluator, async_evaluate_dataframe
@@ -19,12 +24,15 @@ from tqdm import tqdm
 
 from ..models.cache import ResponseCache
 from ..models.endpoints import Endpoint, http_client
+from ..models.limits import ModelLimiter
 from ..models.transport import CallScope, call_scope
 from ..records import CallRecord, Judgement, Transcript
 from .builtin import JudgeDefinition
 
-# phoenix.evals retries a failed task at once (no backoff): a few tries, not its default ten.
-JUDGE_MAX_RETRIES = 3
+# phoenix.evals gives every task a hard 60 s and then requeues it (its retries come at once, with no
+# back-off; ours happen in the transport). A requeued row waits on the same in-flight request
+# (``SessionJudge._shared``), so its retries only extend the patience to cover our own timeout.
+PHOENIX_TASK_TIMEOUT_S = 60
 
 
 @dataclass
@@ -60,8 +68,23 @@ class SessionJudge(ClassificationEvaluator):
         self.on_judgement = on_judgement
         self.calls: dict[tuple[str, int], list[CallRecord]] = {}
         self.reported: set[tuple[str, int]] = set()
+        self.in_flight: dict[tuple[str, int], asyncio.Task] = {}
 
     async def async_evaluate(self, eval_input: dict, input_mapping: Any = None) -> list:
+        """What phoenix.evals calls per row. Its timeout cancels only the wait, never the request:
+        a requeued row picks up the request already in flight instead of sending another."""
+        key = (eval_input["session_id"], int(eval_input["judge_sample"]))
+        task = self.in_flight.get(key)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = asyncio.ensure_future(self._evaluate_row(eval_input, input_mapping))
+            self.in_flight[key] = task
+        return await asyncio.shield(task)
+
+    def cancel_in_flight(self) -> None:
+        for task in self.in_flight.values():
+            task.cancel()
+
+    async def _evaluate_row(self, eval_input: dict, input_mapping: Any) -> list:
         session_id, judge_sample = eval_input["session_id"], int(eval_input["judge_sample"])
         key = (session_id, judge_sample)
         missing = [f for f in self.definition.requires if not eval_input.get(f)]
@@ -95,15 +118,15 @@ class SessionJudge(ClassificationEvaluator):
                                         error=_failure_reason(detail)))
 
 
-def judge_llm(endpoint: Endpoint, cache: Optional[ResponseCache], requests_per_second: float) -> LLM:
-    """phoenix.evals' LLM on our transport (cache and accounting) and without its slow default rate."""
+def judge_llm(client: httpx2.AsyncClient, endpoint: Endpoint, requests_per_second: float) -> LLM:
+    """phoenix.evals' LLM on our transport (cache, limits, retries, accounting), without its slow default rate."""
     return LLM(
         provider="openai",
         model=endpoint.model,
         base_url=endpoint.base_url,
         api_key=endpoint.api_key,
         initial_per_second_request_rate=requests_per_second,
-        async_client_kwargs={"http_client": http_client(endpoint, cache), "timeout": endpoint.timeout},
+        async_client_kwargs={"http_client": client, "timeout": endpoint.timeout},
     )
 
 
@@ -112,6 +135,7 @@ async def judge_sessions(
     definitions: list[JudgeDefinition],
     endpoint: Endpoint,
     cache: Optional[ResponseCache],
+    limiter: ModelLimiter,
     on_judgement: OnJudgement,
     *,
     concurrency: int,
@@ -143,20 +167,32 @@ async def judge_sessions(
         if progress is not None:
             progress.update(1)
 
-    llm = judge_llm(endpoint, cache, requests_per_second=max(10.0, 4.0 * concurrency))
+    # phoenix.evals' own limiter starts at 5 requests/s and would throttle the run; ours governs.
+    client = http_client(endpoint, cache, limiter)
+    llm = judge_llm(client, endpoint, requests_per_second=max(100.0, 10.0 * concurrency))
+    # More phoenix workers than the model's limiter admits would only sit out phoenix's timeout in our queue.
+    workers = max(1, min(concurrency, limiter.limit.maximum))
+    patience = endpoint.timeout * (limiter.max_retries + 1) + 60
+    phoenix_retries = max(3, math.ceil(patience / PHOENIX_TASK_TIMEOUT_S))
     judges = [
         SessionJudge(d, llm, endpoint.name, report, max_tokens=max_tokens, temperature=temperature)
         for d in definitions
     ]
-    with suppress_tracing():
-        result = await async_evaluate_dataframe(
-            pd.DataFrame(rows),
-            judges,
-            concurrency=concurrency,
-            hide_tqdm_bar=True,
-            exit_on_error=False,
-            max_retries=JUDGE_MAX_RETRIES,
-        )
+    try:
+        # phoenix.evals reports requeues with tqdm.write on stdout; keep stdout for our results.
+        with suppress_tracing(), contextlib.redirect_stdout(sys.stderr):
+            result = await async_evaluate_dataframe(
+                dataframe=pd.DataFrame(rows),
+                evaluators=judges,
+                concurrency=workers,
+                hide_tqdm_bar=True,
+                exit_on_error=False,
+                max_retries=phoenix_retries,
+            )
+    finally:
+        for judge in judges:
+            judge.cancel_in_flight()
+        await client.aclose()
     for judge in judges:
         details = result[f"{judge.name}_execution_details"].tolist()
         judge.report_failures(rows, details)

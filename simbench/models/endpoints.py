@@ -11,9 +11,12 @@ import openai
 
 from ..matrix import Matrix, ModelSpec
 from .cache import ResponseCache
+from .embedded import SLOTS
+from .limits import ModelLimiter, RunCounters
 from .transport import ModelTransport
 
 LOCAL_API_KEY = "sk-simbench-local"  # llama-server ignores it; the openai client insists on one
+LOCAL_TIMEOUT_S = 600.0
 
 
 class EndpointError(Exception):
@@ -29,7 +32,6 @@ class Endpoint:
     model: str
     api_key: str
     timeout: float
-    max_retries: int
     local: bool = False
 
     def __repr__(self) -> str:  # never show the key
@@ -41,32 +43,48 @@ def resolve_endpoint(name: str, spec: ModelSpec, local_base_url: Optional[str]) 
     if spec.provider == "local":
         if local_base_url is None:
             raise EndpointError(f"model {name!r} is the embedded model, but it was not started")
-        # llama-server is started with the logical name as its alias, so requests name it.
-        return Endpoint(name, local_base_url, name, LOCAL_API_KEY, spec.timeout, spec.max_retries, local=True)
+        # llama-server is started with the logical name as its alias, so requests name it. On 2 CPU
+        # cores one answer can take a minute: the timeout is for a dead server, not a slow one.
+        return Endpoint(name, local_base_url, name, LOCAL_API_KEY, max(spec.timeout, LOCAL_TIMEOUT_S), local=True)
     api_key = "sk-no-key-needed"
     if spec.api_key_env:
         api_key = os.environ.get(spec.api_key_env, "")
         if not api_key:
             raise EndpointError(f"model {name!r}: environment variable {spec.api_key_env} is not set (it holds the API key)")
-    return Endpoint(name, spec.base_url, spec.model, api_key, spec.timeout, spec.max_retries)
+    return Endpoint(name, spec.base_url, spec.model, api_key, spec.timeout)
 
 
-def http_client(endpoint: Endpoint, cache: Optional[ResponseCache]) -> httpx2.AsyncClient:
-    """An async HTTP client whose transport caches and accounts every request to this endpoint."""
-    limits = httpx2.Limits(max_connections=1000, max_keepalive_connections=1000)
+def http_client(endpoint: Endpoint, cache: Optional[ResponseCache], limiter: ModelLimiter) -> httpx2.AsyncClient:
+    """An async HTTP client whose transport caches, limits, retries and accounts every request."""
+    limits = httpx2.Limits(max_connections=2000, max_keepalive_connections=2000)
     inner = httpx2.AsyncHTTPTransport(limits=limits)
-    return httpx2.AsyncClient(transport=ModelTransport(endpoint.name, inner, cache), timeout=endpoint.timeout)
+    return httpx2.AsyncClient(transport=ModelTransport(endpoint.name, inner, cache, limiter), timeout=endpoint.timeout)
 
 
-def openai_client(endpoint: Endpoint, cache: Optional[ResponseCache]) -> openai.AsyncOpenAI:
-    """The client tutor and student calls use. Retries (honouring Retry-After) happen inside one call."""
+def openai_client(endpoint: Endpoint, cache: Optional[ResponseCache], limiter: ModelLimiter) -> openai.AsyncOpenAI:
+    """The client tutor and student calls use. Its own retries are off: the transport retries,
+    under the instrumentation, so a retried call still leaves one span."""
     return openai.AsyncOpenAI(
         base_url=endpoint.base_url,
         api_key=endpoint.api_key,
-        max_retries=endpoint.max_retries,
+        max_retries=0,
         timeout=endpoint.timeout,
-        http_client=http_client(endpoint, cache),
+        http_client=http_client(endpoint, cache, limiter),
     )
+
+
+def limiters_for(matrix: Matrix, counters: RunCounters) -> dict[str, ModelLimiter]:
+    """One limiter per logical model that a role uses, shared by every role calling it."""
+    out = {}
+    for role in ("tutor", "student", "judge"):
+        name, spec = matrix.model_for(role)
+        if name not in out:
+            concurrency = spec.concurrency or matrix.concurrency
+            if spec.provider == "local":
+                # More requests than llama-server has slots only wait in its queue, where timeouts hit them.
+                concurrency = min(concurrency, SLOTS)
+            out[name] = ModelLimiter(name, concurrency, spec.rpm, spec.tpm, max_retries=spec.max_retries, counters=counters)
+    return out
 
 
 async def check_reachable(endpoint: Endpoint) -> None:

@@ -1,32 +1,66 @@
-"""``report.html``: one self-contained file (autoescaped, strict CSP, no network requests)."""
+"""``report.html``: one self-contained file (autoescaped, strict CSP, no network requests).
+
+The first screen answers whether a variant beats the baseline; heatmaps show where the tutor fails,
+each cell linking to its sessions; sessions are grouped by pair key so the baseline's and a
+variant's sessions of the same topic, persona and repeat sit side by side. One small script (allowed
+by its hash in the CSP, never ``'unsafe-inline'``) opens linked sections and filters the sessions;
+without it every link and section still works.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+from collections import defaultdict
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
 import jinja2
+from markupsafe import Markup
 
 from ..evaluators.sessions import rebuild_sessions
 from ..store import RunStore
 from ..tracing.local import spans_dataframe
+from . import plots
 
 REPORT_FILE = "report.html"
 EMBEDDED_NOTICE = (
     "This run used the embedded SmolLM2-135M model. It checks that the pipeline works end to end; "
     "its answers and its judgements are not to be trusted."
 )
+BREAKDOWN_ATTR = {"by_persona": "persona", "by_topic": "topic", "by_variant": "variant"}
+# Drill-down order inside a cell: failures first, then judgements without a verdict, then passes.
+OUTCOME_ORDER = {"fail": 0, "error": 1, "skipped": 2, "pass": 3}
+# Above this many passed sessions a cell links to the filtered session list instead of listing each one.
+MAX_PASSED_LINKS = 50
+# Failed, errored and skipped judgements listed per cell with their explanation; the rest by a filter link.
+MAX_LISTED = 100
 
 
-def _environment() -> jinja2.Environment:
-    loader = jinja2.FunctionLoader(
-        lambda name: resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
-    )
+def _asset(name: str) -> str:
+    return resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def environment() -> jinja2.Environment:
+    """The report's jinja2 environment: autoescaping on, undefined names are errors."""
+    loader = jinja2.FunctionLoader(_asset)
     env = jinja2.Environment(loader=loader, autoescape=True, undefined=jinja2.StrictUndefined)
     env.filters["pct"] = lambda v: "–" if v is None else f"{100 * v:.0f}%"
+    env.filters["points"] = lambda v: "–" if v is None else f"{100 * v:+.0f}"
+    env.filters["pval"] = lambda v: "–" if v is None else ("< 0.001" if v < 0.001 else f"{v:.3f}")
     env.filters["heat"] = _heat
     return env
+
+
+def assets() -> dict[str, Any]:
+    """The inline stylesheet and script, and a Content-Security-Policy that allows exactly that script."""
+    script = _asset("report.js")
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    csp = (f"default-src 'none'; style-src 'unsafe-inline'; img-src data:; script-src 'sha256-{digest}'; "
+           "base-uri 'none'; form-action 'none'")
+    # Our own static files, not data: safe to insert unescaped (the hash must match the script byte for byte).
+    return {"css": Markup(_asset("report.css")), "script": Markup(script), "csp": Markup(csp)}
 
 
 def _heat(rate: Optional[float]) -> str:
@@ -37,8 +71,19 @@ def _heat(rate: Optional[float]) -> str:
     return f"background:rgb(255,{light},{light})"
 
 
-def session_views(store: RunStore) -> list[dict[str, Any]]:
-    """Every latest-attempt session with its transcript (from the trace store), judgements and usage."""
+def _outcome(j) -> str:
+    if j.status == "ok":
+        return "pass" if j.passed else "fail"
+    return j.status
+
+
+def session_views(store: RunStore, prefix: str = "s", baseline: Optional[str] = None) -> list[dict[str, Any]]:
+    """Every latest-attempt session with its transcript (from the trace store), judgements and usage.
+
+    ``anchor`` is the session's id in the page (``<prefix>-<n>``); ``by_dim`` maps each dimension to
+    its first judgement and ``outcomes`` to pass, fail, error or skipped; ``labels`` is what the
+    filters match (``dim:label`` and ``dim:@outcome`` tokens).
+    """
     run = store.run() or {}
     transcripts = {t.session_id: t for t in rebuild_sessions(spans_dataframe(store, f"{run.get('run_id', '')}/"))}
     judgements: dict[str, list] = {}
@@ -46,33 +91,128 @@ def session_views(store: RunStore) -> list[dict[str, Any]]:
         judgements.setdefault(j.session_id, []).append(j)
     usage = store.usage_by_session()
     views = []
-    for s in store.latest_sessions():
+    for n, s in enumerate(store.latest_sessions(), start=1):
         transcript = transcripts.get(s["session_id"])
         js = sorted(judgements.get(s["session_id"], []), key=lambda j: (j.judge, j.judge_sample))
-        failed = any(j.status == "ok" and not j.passed for j in js)
+        by_dim = {j.judge: j for j in js if j.judge_sample == 0}
+        outcomes = {dim: _outcome(j) for dim, j in by_dim.items()}
+        failed = "fail" in outcomes.values()
+        tokens = [f"{dim}:@{o}" for dim, o in outcomes.items()]
+        tokens += [f"{dim}:{j.label}" for dim, j in by_dim.items() if j.status == "ok" and j.label]
+        if s["status"] != "completed":
+            tokens.append(f"_:@{s['status']}")
         views.append({
             **s,
+            "anchor": f"{prefix}-{n}",
+            "baseline": s["variant"] == baseline,
             "messages": transcript.messages if transcript else [],
             "judgements": js,
+            "by_dim": by_dim,
+            "outcomes": outcomes,
+            "labels": " ".join(t.replace(" ", "_") for t in tokens),
             "usage": usage.get(s["session_id"], {}),
             "failed": failed,
             "rank": 0 if s["status"] == "errored" else (1 if failed else 2),
         })
-    views.sort(key=lambda v: v["rank"])
     return views
 
 
-def render_report(store: RunStore, summary: dict[str, Any], embedded: bool) -> str:
-    template = _environment().get_template("report.html.j2")
+def pair_groups(views: list[dict[str, Any]], variants: list[str], prefix: str = "p") -> list[dict[str, Any]]:
+    """Sessions grouped by pair key (topic, persona, repeat), variants in matrix order (baseline first).
+
+    Groups in which any session failed a judge or errored come first; otherwise plan order.
+    """
+    order = {v: i for i, v in enumerate(variants)}
+    groups: dict[tuple, list[dict]] = {}
+    for v in views:
+        groups.setdefault((v["topic"], v["persona"], v["repeat"]), []).append(v)
+    out = []
+    for i, ((topic, persona, repeat), members) in enumerate(groups.items(), start=1):
+        members.sort(key=lambda v: order.get(v["variant"], len(order)))
+        failed = sum(1 for v in members if v["failed"])
+        errored = sum(1 for v in members if v["status"] == "errored")
+        out.append({"anchor": f"{prefix}-{i}", "topic": topic, "persona": persona, "repeat": repeat,
+                    "sessions": members, "failed": failed, "errored": errored, "bad": failed + errored})
+    out.sort(key=lambda g: g["bad"] == 0)
+    return out
+
+
+def drill_lists(views: list[dict[str, Any]], rows: dict[str, list[str]], dimensions: list[str]) -> dict[str, Any]:
+    """For every heatmap cell (breakdown, name, dimension): its anchor and its judged sessions, failures first."""
+    buckets: dict[tuple, list] = defaultdict(list)
+    for v in views:
+        if v["status"] != "completed":
+            continue
+        for dim, outcome in v["outcomes"].items():
+            for key, attr in BREAKDOWN_ATTR.items():
+                buckets[(key, v[attr], dim)].append((outcome, v))
+    out: dict[str, Any] = {}
+    for key, names in rows.items():
+        for i, name in enumerate(names):
+            for k, dim in enumerate(dimensions):
+                items = sorted(buckets.get((key, name, dim), []), key=lambda item: OUTCOME_ORDER.get(item[0], 9))
+                out[f"{key}\0{name}\0{dim}"] = {
+                    "anchor": f"d-{key[3:]}-{i}-{k}", "key": key[3:], "name": name, "dim": dim,
+                    "flagged": [(o, v) for o, v in items if o != "pass"],
+                    "passed": [v for o, v in items if o == "pass"],
+                }
+    return out
+
+
+def comparison_rows(comparisons: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per (variant, dimension) comparison with its forest-plot geometry."""
+    return [
+        {"variant": variant, "dim": dim, "c": c, "plot": plots.diff_plot(c)}
+        for variant, per_dim in comparisons.items()
+        for dim, c in per_dim.items()
+    ]
+
+
+def breakdown_rows(summary: dict[str, Any]) -> dict[str, list[str]]:
+    """The row names of each heatmap, in first-seen order (variants in matrix order)."""
     rows = {
         key: list(dict.fromkeys(name for dim in summary["dimensions"].values() for name in dim[key]))
-        for key in ("by_variant", "by_persona", "by_topic")
+        for key in BREAKDOWN_ATTR
+    }
+    variants = summary.get("variants") or []
+    rows["by_variant"] = [v for v in variants if v in rows["by_variant"]] + [v for v in rows["by_variant"] if v not in variants]
+    return rows
+
+
+def render_report(store: RunStore, summary: dict[str, Any], embedded: bool) -> str:
+    """The whole report as one HTML string."""
+    template = environment().get_template("report.html.j2")
+    rows = breakdown_rows(summary)
+    dimensions = list(summary["dimensions"])
+    variants = summary.get("variants") or rows["by_variant"]
+    views = session_views(store, baseline=summary.get("baseline"))
+    turns: dict[str, list[int]] = defaultdict(list)
+    for v in views:
+        if v["status"] == "completed":
+            turns[v["variant"]].append(v["turns"] or 0)
+    filters = {
+        "variant": variants,
+        "persona": rows["by_persona"] or sorted({v["persona"] for v in views}),
+        "topic": rows["by_topic"] or sorted({v["topic"] for v in views}),
+        "dim": dimensions,
+        "label": sorted({j.label.replace(" ", "_") for v in views for j in v["by_dim"].values() if j.status == "ok" and j.label}),
     }
     return template.render(
         summary=summary,
         breakdown_rows=rows,
-        sessions=session_views(store),
+        dimensions=dimensions,
+        variants=variants,
+        comparisons=comparison_rows(summary.get("comparisons") or {}),
+        drills=drill_lists(views, rows, dimensions),
+        pairs=pair_groups(views, variants),
+        sessions_total=len(views),
+        rate_plot=plots.rate_plot(summary),
+        turns_plot=plots.turns_plot(dict(turns), variants),
+        filters=filters,
+        max_passed_links=MAX_PASSED_LINKS,
+        max_listed=MAX_LISTED,
         embedded_notice=EMBEDDED_NOTICE if embedded else None,
+        **assets(),
     )
 
 

@@ -1,7 +1,8 @@
 """``summary.json``: what a run planned, completed and how each dimension fared, for people and CI.
 
 Counts take each sample once, by its latest attempt. Judgements with status ``error`` or
-``skipped`` are counted apart and never enter a failure rate.
+``skipped`` are counted apart and never enter a rate or a comparison. Every field is described in
+docs/report.md; ``SUMMARY_VERSION`` changes when a field changes meaning or goes away.
 """
 
 from __future__ import annotations
@@ -9,13 +10,27 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .. import __version__
 from ..store import RunStore
+from .outcomes import SampleOutcome, by_pair_key, compare_matchups, load_outcomes
+from .stats import ALPHA, CONFIDENCE, pass_hat, rate_fields
 
-SUMMARY_VERSION = 1
+# 2: rates with Wilson intervals, ``variants``, ``statistics``, ``comparisons``, ``consistency``.
+SUMMARY_VERSION = 2
 SUMMARY_FILE = "summary.json"
+BREAKDOWNS = {"by_variant": "variant", "by_persona": "persona", "by_topic": "topic"}
+
+STATISTICS = {
+    "confidence": CONFIDENCE,
+    "alpha": ALPHA,
+    "rate_interval": "wilson",
+    "difference_interval": "newcombe_paired_hybrid_score",
+    "test": "mcnemar_exact",
+    "correction": "holm",
+    "pairing": "pair key (topic, persona, repeat)",
+}
 
 
 def _empty_counts() -> dict[str, Any]:
@@ -23,50 +38,68 @@ def _empty_counts() -> dict[str, Any]:
 
 
 def _finish(counts: dict[str, Any]) -> dict[str, Any]:
-    judged = counts["pass"] + counts["fail"]
-    counts["judged"] = judged
-    counts["fail_rate"] = round(counts["fail"] / judged, 4) if judged else None
+    counts["judged"] = counts["pass"] + counts["fail"]
+    counts.update(rate_fields(counts["pass"], counts["fail"]))
     return counts
 
 
-def _bump(counts: dict[str, Any], status: str, passed: Optional[bool]) -> None:
-    if status == "ok":
-        counts["pass" if passed else "fail"] += 1
-    else:
-        counts[status] += 1
+def breakdowns(outcomes: list[SampleOutcome], dimensions: list[str]) -> dict[str, dict[str, Any]]:
+    """Counts and rates per dimension: overall and by variant, persona and topic (completed sessions only)."""
+    result: dict[str, dict[str, Any]] = {}
+    for dim in dimensions:
+        d: dict[str, Any] = {"overall": _empty_counts(), **{key: defaultdict(_empty_counts) for key in BREAKDOWNS}}
+        for o in outcomes:
+            outcome = o.outcome(dim)
+            if outcome not in ("pass", "fail", "error", "skipped"):
+                continue
+            for counts in (d["overall"], *(d[key][getattr(o.sample, attr)] for key, attr in BREAKDOWNS.items())):
+                counts[outcome] += 1
+        _finish(d["overall"])
+        for key in BREAKDOWNS:
+            d[key] = {name: _finish(c) for name, c in d[key].items()}
+        result[dim] = d
+    return result
+
+
+def variant_comparisons(outcomes: list[SampleOutcome], variants: list[str], baseline: str,
+                        dimensions: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every other variant against the baseline on every dimension, paired by pair key, one Holm family."""
+    base = by_pair_key(outcomes, baseline)
+    matchups = {v: (base, by_pair_key(outcomes, v)) for v in variants if v != baseline}
+    return {
+        v: {dim: {"baseline": baseline, **c.as_dict()} for dim, c in per_dim.items()}
+        for v, per_dim in compare_matchups(matchups, dimensions).items()
+    }
+
+
+def consistency(outcomes: list[SampleOutcome], variants: list[str], dimensions: list[str],
+                repeats: int) -> dict[str, dict[str, list[dict]]]:
+    """pass^j for j = 1..repeats per variant and dimension, averaged over the variant's cells."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for variant in variants:
+        out[variant] = {}
+        for dim in dimensions:
+            cells: dict[tuple[str, str], list[bool]] = defaultdict(list)
+            for o in outcomes:
+                passed = o.passed(dim)
+                if o.sample.variant == variant and passed is not None:
+                    cells[(o.sample.topic, o.sample.persona)].append(passed)
+            out[variant][dim] = pass_hat(((len(v), sum(v)) for v in cells.values()), repeats)
+    return out
 
 
 def build_summary(store: RunStore) -> dict[str, Any]:
-    """The summary of a run as a JSON-ready dict (see docs/architecture.md for every field)."""
+    """The summary of a run as a JSON-ready dict (docs/report.md describes every field)."""
     run = store.run() or {}
     matrix = json.loads(run.get("matrix_json") or "{}")
+    tutor = matrix.get("tutor") or {}
     judges = (matrix.get("judges") or {}).get("use") or []
+    outcomes = load_outcomes(store)
+    variants = list(tutor.get("variants") or dict.fromkeys(o.sample.variant for o in outcomes))
+    baseline = tutor.get("baseline") or (variants[0] if variants else None)
+    repeats = int(matrix.get("repeats") or max((o.sample.repeat for o in outcomes), default=1))
     sessions = store.latest_sessions()
-    by_session = {s["session_id"]: s for s in sessions}
-    planned = len(store.samples())
-
-    dimensions: dict[str, dict[str, Any]] = {}
-    for judge in judges:
-        dimensions[judge] = {
-            "overall": _empty_counts(),
-            "by_variant": defaultdict(_empty_counts),
-            "by_persona": defaultdict(_empty_counts),
-            "by_topic": defaultdict(_empty_counts),
-        }
-    for j in store.judgements():
-        session = by_session.get(j.session_id)
-        if session is None or session["status"] != "completed" or j.judge not in dimensions or j.judge_sample != 0:
-            continue
-        dim = dimensions[j.judge]
-        for counts in (dim["overall"], dim["by_variant"][session["variant"]], dim["by_persona"][session["persona"]],
-                       dim["by_topic"][session["topic"]]):
-            _bump(counts, j.status, j.passed)
-
-    for dim in dimensions.values():
-        _finish(dim["overall"])
-        for key in ("by_variant", "by_persona", "by_topic"):
-            dim[key] = {name: _finish(c) for name, c in dim[key].items()}
-
+    planned = len(outcomes)
     completed = sum(1 for s in sessions if s["status"] == "completed")
     errored = sum(1 for s in sessions if s["status"] == "errored")
     return {
@@ -76,7 +109,9 @@ def build_summary(store: RunStore) -> dict[str, Any]:
         "matrix": run.get("matrix_name"),
         "matrix_source": run.get("matrix_source"),
         "status": run.get("status"),
-        "baseline": (matrix.get("tutor") or {}).get("baseline"),
+        "baseline": baseline,
+        "variants": variants,
+        "repeats": repeats,
         "sessions": {
             "planned": planned,
             "completed": completed,
@@ -87,7 +122,10 @@ def build_summary(store: RunStore) -> dict[str, Any]:
         "errors": [
             {"session_id": s["session_id"], "error": s["error"]} for s in sessions if s["status"] == "errored"
         ],
-        "dimensions": dimensions,
+        "statistics": STATISTICS,
+        "dimensions": breakdowns(outcomes, judges),
+        "comparisons": variant_comparisons(outcomes, variants, baseline, judges) if baseline else {},
+        "consistency": consistency(outcomes, variants, judges, repeats),
         "usage": usage_totals(store),
     }
 

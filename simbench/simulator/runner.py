@@ -8,6 +8,7 @@ from typing import Optional
 from tqdm import tqdm
 
 from ..matrix import Matrix
+from ..models.limits import RunCounters
 from ..records import Sample, SimulatedSession, session_id_for
 from ..store import RunStore
 from ..tracing.setup import flush_spans
@@ -23,6 +24,7 @@ async def simulate(
     student: Agent,
     store: RunStore,
     progress: Optional[tqdm] = None,
+    counters: Optional[RunCounters] = None,
 ) -> None:
     """Simulate ``samples`` with at most ``matrix.concurrency`` sessions in flight."""
     gate = asyncio.Semaphore(matrix.concurrency)
@@ -37,13 +39,20 @@ async def simulate(
             result = await run_session(matrix, tutor, student, sample, session_id, attempt)
             flush_spans()
             store.finish_session(result.session, result.closing_span_id, result.calls)
+            if result.session.status == "errored":
+                errored += 1
             if progress is not None:
-                if result.session.status == "errored":
-                    errored += 1
-                    progress.set_postfix_str(f"errored={errored}", refresh=False)
+                progress.set_postfix_str(_live_counts(errored, counters), refresh=False)
                 progress.update(1)
 
     await asyncio.gather(*(one(sample) for sample in samples))
+
+
+def _live_counts(errored: int, counters: Optional[RunCounters]) -> str:
+    text = f"errored={errored}"
+    if counters is not None:
+        text += f" retries={counters.retries} 429s={counters.rate_limited}"
+    return text
 
 
 def pending_samples(store: RunStore, samples: list[Sample]) -> list[Sample]:

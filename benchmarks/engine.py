@@ -1,0 +1,162 @@
+"""Throughput and scale of the run engine against a fake OpenAI-compatible server in its own process.
+
+Prints figures; asserts nothing (these machines are shared and noisy). Each scenario runs the real
+``simbench.run_matrix`` path (tracing on, local store, judges through phoenix.evals) in a fresh
+child process, so its CPU time and peak RSS are its own.
+
+    python benchmarks/engine.py                 # every scenario
+    python benchmarks/engine.py sim64 judge64   # some of them
+
+Sessions have 3 tutor + 3 student calls (max_turns 3). Bounds: a session needs 6 sequential calls,
+so simulation cannot beat ``concurrency / (6 x latency)`` sessions/s; judging cannot beat
+``concurrency / latency`` judgements/s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE = ROOT / "tests" / "fake_openai.py"
+
+SCENARIOS = {
+    "sim64": dict(sessions=1000, concurrency=64, latency=2.0, judges=False),
+    "sim256": dict(sessions=1000, concurrency=256, latency=4.0, judges=False),
+    "ceiling": dict(sessions=2000, concurrency=256, latency=0.05, judges=False),
+    "judge64": dict(sessions=1000, concurrency=64, latency=2.0, judges=True),
+    "cached": dict(sessions=1000, concurrency=64, latency=0.05, judges=True, rerun=True),
+    "rss10k": dict(sessions=10000, concurrency=256, latency=0.2, judges=False),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _matrix(base_url: str, sessions: int, concurrency: int) -> str:
+    personas = ["impatient", "terse", "anxious", "overconfident", "answer_seeker"]
+    topics = ["adding_fractions", "photosynthesis", "python_loops", "solving_linear_equations"]
+    repeats = -(-sessions // (len(personas) * len(topics)))
+    return f"""
+name: bench
+models:
+  fake: {{base_url: "{base_url}", model: fake, timeout: 120, concurrency: {concurrency}}}
+tutor: {{model: fake, variants: {{v: "You are a tutor for {{{{ topic.name }}}}."}}}}
+student: {{model: fake}}
+judges: {{model: fake}}
+topics: {json.dumps(topics)}
+personas: {json.dumps(personas)}
+repeats: {repeats}
+max_turns: 3
+concurrency: {concurrency}
+""", len(personas) * len(topics) * repeats
+
+
+def child(spec: dict) -> None:
+    """Run one scenario in this process and print its figures as JSON."""
+    sys.path.insert(0, str(ROOT))
+    import httpx2
+
+    from simbench import load_matrix, run_matrix
+    from simbench.store import RunStore
+
+    base_url = spec["base_url"]
+    tmp = Path(spec["tmp"])
+    matrix_text, planned = _matrix(base_url, spec["sessions"], spec["concurrency"])
+    (tmp / "m.yaml").write_text(matrix_text)
+    matrix = load_matrix(tmp / "m.yaml")
+    stats = lambda: httpx2.get(base_url.removesuffix("/v1") + "/_stats").json()["roles"]
+    results = {}
+    for label in (["first", "rerun"] if spec.get("rerun") else ["first"]):
+        before = stats()
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        run_matrix(matrix, tmp / label, cache_path=tmp / "cache.sqlite" if spec.get("rerun") else None,
+                   progress=False, judge=spec["judges"])
+        wall = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        after = stats()
+        calls = {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)}
+        store = RunStore.open_run_dir(tmp / label)
+        sessions = store.latest_sessions()
+        sim_wall = max(s["ended_at"] for s in sessions) - min(s["started_at"] for s in sessions)
+        judge_times = [r["created_at"] for r in store._read("SELECT created_at FROM evaluations")]
+        sim_calls = sum(1 for _ in store._read("SELECT 1 FROM calls WHERE role IN ('tutor','student')"))
+        results[label] = {
+            "wall_s": round(wall, 2),
+            "sessions": len(sessions),
+            "completed": sum(s["status"] == "completed" for s in sessions),
+            "sim_wall_s": round(sim_wall, 2),
+            "judgements": len(judge_times),
+            "judge_wall_s": round(max(judge_times) - min(judge_times), 2) if judge_times else None,
+            "model_calls": calls,
+            "sim_calls_accounted": sim_calls,
+            "cpu_s": round((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime), 2),
+        }
+        store.close()
+    results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(results))
+
+
+def run_scenario(name: str) -> dict:
+    spec = dict(SCENARIOS[name])
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, str(FAKE), "--port", str(port), "--latency", str(spec["latency"])],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        server.stdout.readline()  # "fake openai server on ..."
+        with tempfile.TemporaryDirectory() as tmp:
+            spec.update(base_url=f"http://127.0.0.1:{port}/v1", tmp=tmp)
+            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(out.stderr[-3000:])
+            return json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def report(name: str, r: dict) -> None:
+    spec = SCENARIOS[name]
+    first = r["first"]
+    c, lat = spec["concurrency"], spec["latency"]
+    print(f"\n== {name}: {first['sessions']} sessions, concurrency {c}, latency {lat} s")
+    print(f"   completed {first['completed']}/{first['sessions']}, wall {first['wall_s']} s, peak RSS {r['peak_rss_mb']} MB")
+    sim_rate = first["sessions"] / first["sim_wall_s"]
+    bound = c / (6 * lat)
+    print(f"   simulation: {sim_rate:.2f} sessions/s; bound {bound:.2f}; ratio {sim_rate / bound:.2f}")
+    calls = first["sim_calls_accounted"] + first["judgements"]
+    print(f"   harness CPU: {1000 * first['cpu_s'] / max(1, calls):.2f} ms per model call ({first['cpu_s']} s / {calls} calls)")
+    if spec["judges"] and first["judge_wall_s"]:
+        jr = first["judgements"] / first["judge_wall_s"]
+        print(f"   judging: {jr:.2f} judgements/s; bound {c / lat:.2f}; ratio {jr / (c / lat):.2f}")
+    if "rerun" in r:
+        rr = r["rerun"]
+        print(f"   cached re-run: wall {rr['wall_s']} s, model calls made {sum(rr['model_calls'].values())}, "
+              f"sessions {rr['completed']}, judgements {rr['judgements']}")
+    if name == "ceiling":
+        print(f"   ceiling: {first['sim_calls_accounted'] / first['sim_wall_s']:.0f} calls/s")
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--child"]:
+        child(json.loads(argv[1]))
+        return
+    names = argv or list(SCENARIOS)
+    print(f"simbench engine benchmark; {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}")
+    for name in names:
+        report(name, run_scenario(name))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,91 @@
+"""What every sample came to, per dimension: the one table the summary, comparisons and JUnit read.
+
+An outcome is ``pass`` or ``fail`` (a judge's verdict), ``error`` or ``skipped`` (the judge gave no
+verdict), ``errored`` (the session itself failed, so nothing was judged), ``not_run`` or ``missing``
+(no judgement stored). Only ``pass`` and ``fail`` enter a rate or a comparison; everything else is
+counted apart. Each sample counts once, by its latest attempt; the first judgement sample is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from ..records import Sample
+from ..store import RunStore
+from .stats import PairedComparison, apply_holm, compare_paired
+
+Outcome = Literal["pass", "fail", "error", "skipped", "errored", "not_run", "missing"]
+
+
+@dataclass
+class SampleOutcome:
+    """One sample's latest attempt and its outcome on each dimension."""
+
+    sample: Sample
+    session_id: Optional[str]
+    status: str  # completed, errored, running, or not_run when no attempt exists
+    turns: int = 0
+    results: dict[str, Outcome] = field(default_factory=dict)
+
+    def outcome(self, dimension: str) -> Outcome:
+        if self.status == "errored":
+            return "errored"
+        if self.status != "completed":
+            return "not_run"
+        return self.results.get(dimension, "missing")
+
+    def passed(self, dimension: str) -> Optional[bool]:
+        """True or False for a verdict; None for anything that must drop out of a rate or a pair."""
+        o = self.outcome(dimension)
+        return True if o == "pass" else False if o == "fail" else None
+
+
+def load_outcomes(store: RunStore) -> list[SampleOutcome]:
+    """Every planned sample of the run, in plan order, with its latest attempt's outcomes."""
+    latest = {s["sample_id"]: s for s in store.latest_sessions()}
+    by_session: dict[str, dict[str, Outcome]] = {}
+    for j in store.judgements():
+        if j.judge_sample != 0:
+            continue
+        if j.status == "ok":
+            result: Outcome = "pass" if j.passed else "fail"
+        else:
+            result = j.status  # error or skipped
+        by_session.setdefault(j.session_id, {})[j.judge] = result
+    out = []
+    for sample in store.samples():
+        s = latest.get(sample.sample_id)
+        if s is None:
+            out.append(SampleOutcome(sample, None, "not_run"))
+            continue
+        out.append(SampleOutcome(sample, s["session_id"], s["status"], s["turns"] or 0,
+                                 by_session.get(s["session_id"], {})))
+    return out
+
+
+PairKey = tuple[str, str, int]
+
+
+def by_pair_key(outcomes: list[SampleOutcome], variant: str) -> dict[PairKey, SampleOutcome]:
+    """One variant's samples keyed by pair key (topic, persona, repeat)."""
+    return {o.sample.pair_key: o for o in outcomes if o.sample.variant == variant}
+
+
+def compare_matchups(
+    matchups: dict[str, tuple[dict[PairKey, SampleOutcome], dict[PairKey, SampleOutcome]]],
+    dimensions: list[str],
+) -> dict[str, dict[str, PairedComparison]]:
+    """Paired comparisons for every (matchup, dimension), Holm-corrected together as one family.
+
+    A matchup is (baseline side, variant side), each keyed by pair key; only keys on both sides pair.
+    A pair whose either side has no pass/fail on a dimension drops out of that dimension on both sides.
+    """
+    result: dict[str, dict[str, PairedComparison]] = {}
+    for name, (left, right) in matchups.items():
+        shared = [k for k in left if k in right]
+        result[name] = {
+            dim: compare_paired((left[k].passed(dim), right[k].passed(dim)) for k in shared) for dim in dimensions
+        }
+    apply_holm([c for per_dim in result.values() for c in per_dim.values()])
+    return result

@@ -1,0 +1,316 @@
+"""Whole runs on the fake server: spans, sessions, transcripts, judges, summary, report, resume."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+
+import pytest
+
+from conftest import base_matrix, invoke, run_cli
+from fake_openai import judge_name
+from simbench.evaluators.builtin import BUILTIN
+
+STUDENT_MARKER = "role-playing a student"
+JUDGE_MARKER = "expert reviewer of tutoring conversations"
+FAILING = {name: next(l for l in d.choices if l not in d.pass_labels()) for name, d in BUILTIN.items()}
+
+
+def _run(write_matrix, tmp_path, matrix: dict, name: str = "run", *extra):
+    path = write_matrix(matrix, f"{name}.yaml")
+    out = tmp_path / name
+    result = run_cli(path, out, "--cache", tmp_path / "cache.sqlite", *extra)
+    return result, out, path
+
+
+def _opening_of(request: dict) -> str:
+    """The first message after the system prompt: the student's opening, in both roles' views."""
+    return request["messages"][1]["content"]
+
+
+# -- a full run -----------------------------------------------------------------------------------
+
+
+def test_full_run_spans_sessions_and_summary(fake, write_matrix, tmp_path, open_run):
+    matrix = base_matrix(fake.base_url, personas=["impatient", "confused_novice"], max_turns=2)
+    result, out, _ = _run(write_matrix, tmp_path, matrix)
+    assert result.exit_code == 0, result.output
+
+    run = open_run(out)
+    sessions = run.sessions()
+    assert len(sessions) == 4  # 2 variants x 1 topic x 2 personas
+    assert all(s["status"] == "completed" and s["stop_reason"] == "max_turns" and s["turns"] == 2 for s in sessions)
+
+    # Spans: exactly one LLM span per tutor call the server saw, plus one closing CHAIN span per session.
+    spans = run.spans()
+    llm = [s for s in spans if s["span_kind"] == "LLM"]
+    closing = [s for s in spans if s["name"] == "session.end"]
+    assert fake.roles["tutor"] == 4 * 2
+    assert len(llm) == fake.roles["tutor"]
+    assert len(closing) == len(sessions)
+    assert all(s["span_kind"] == "CHAIN" for s in closing)
+    assert len(spans) == len(llm) + len(closing)
+
+    # The student and the judges were called but left no span.
+    assert fake.roles["student"] == 4 * 2
+    assert fake.roles["judge"] == 4 * 2  # coherence + correctness per session
+    for span in spans:
+        text = json.dumps(span["attributes"])
+        assert STUDENT_MARKER not in text and JUDGE_MARKER not in text, span["name"]
+
+    # Every span carries <run_id>/<sample_id>/<attempt> of a session of this run.
+    expected_ids = {f"{run.run_id}/{s['sample_id']}/{s['attempt']}" for s in sessions}
+    assert {s["session_id"] for s in sessions} == expected_ids
+    for span in spans:
+        sid = span["attributes"].get("session.id")
+        assert sid == span["session_id"]
+        assert re.fullmatch(r"[^/]+/[0-9a-f]+/\d+", sid), sid
+        assert sid in expected_ids
+    for s in sessions:
+        own = [x for x in spans if x["session_id"] == s["session_id"]]
+        assert sum(x["span_kind"] == "LLM" for x in own) == 2
+        assert sum(x["name"] == "session.end" for x in own) == 1
+        assert s["span_id"] in {x["span_id"] for x in own}
+
+    summary = run.summary()
+    assert summary["sessions"]["planned"] == 4
+    assert summary["sessions"]["completed"] == 4
+    assert summary["sessions"]["errored"] == 0
+    assert summary["errors"] == []
+    assert set(summary["dimensions"]) == {"coherence", "correctness"}
+    for dim in summary["dimensions"].values():
+        for key in ("pass", "fail", "error", "skipped"):
+            assert key in dim["overall"]
+        assert dim["overall"]["pass"] == 4 and dim["overall"]["fail"] == 0
+        for breakdown in ("by_variant", "by_persona"):
+            for counts in dim[breakdown].values():
+                assert {"pass", "fail", "error", "skipped"} <= set(counts)
+        assert set(dim["by_variant"]) == {"socratic", "direct"}
+        assert all(c["pass"] == 2 for c in dim["by_variant"].values())
+        assert set(dim["by_persona"]) == {"impatient", "confused_novice"}
+        assert all(c["pass"] == 2 for c in dim["by_persona"].values())
+    assert (out / "report.html").is_file()
+    assert str(out / "report.html") in result.stdout
+
+
+# -- transcripts ----------------------------------------------------------------------------------
+
+
+def test_transcript_holds_every_exchanged_message_in_order(fake, write_matrix, tmp_path, open_run):
+    topics = [
+        {"name": "fractions", "opening": "Why isn't 1/2 + 1/3 equal to 2/5?", "reference": "5/6"},
+        {"name": "equations", "opening": "How do I solve 3x + 5 = 20?", "reference": "x = 5"},
+    ]
+    matrix = base_matrix(fake.base_url, topics=topics, max_turns=3)
+    matrix["tutor"]["variants"] = {"socratic": matrix["tutor"]["variants"]["socratic"]}
+    result, out, _ = _run(write_matrix, tmp_path, matrix)
+    assert result.exit_code == 0, result.output
+
+    run = open_run(out)
+    transcripts = run.transcripts()
+    topic_of = {s["session_id"]: s["topic"] for s in run.sessions()}
+    assert set(transcripts) == set(topic_of)
+    for session_id, transcript in transcripts.items():
+        opening = next(t["opening"] for t in topics if t["name"] == topic_of[session_id])
+        tutor_answers = [a for role, req, a in fake.exchanges if role == "tutor" and _opening_of(req) == opening]
+        student_answers = [a for role, req, a in fake.exchanges if role == "student" and _opening_of(req) == opening]
+        assert len(tutor_answers) == len(student_answers) == 3
+        expected = [("student", opening)]
+        for tutor, student in zip(tutor_answers, student_answers):
+            expected += [("tutor", tutor), ("student", student)]
+        # Opening, every tutor reply, every student reply -- including the one after the last tutor turn.
+        assert transcript == expected
+
+        # What each side was sent is the conversation so far, in order.
+        tutor_requests = [r for r in fake.requests_of("tutor") if _opening_of(r) == opening]
+        last = [(m["role"], m["content"]) for m in tutor_requests[-1]["messages"][1:]]
+        assert last == [("user" if r == "student" else "assistant", c) for r, c in expected[:-2]]
+        student_requests = [r for r in fake.requests_of("student") if _opening_of(r) == opening]
+        last = [(m["role"], m["content"]) for m in student_requests[-1]["messages"][1:]]
+        assert last == [("assistant" if r == "student" else "user", c) for r, c in expected[:-1]]
+
+
+def test_student_stop_signal_ends_session(make_fake, write_matrix, tmp_path, open_run):
+    def student(request: dict) -> str:
+        turn = sum(1 for m in request["messages"] if m["role"] == "user")
+        return "Oh, 3/6 + 2/6 = 5/6, I get it now. [END]" if turn == 2 else f"Student reply {turn}: is it 2/5?"
+
+    fake = make_fake(student=student)
+    matrix = base_matrix(fake.base_url, max_turns=3)
+    matrix["tutor"]["variants"] = {"socratic": matrix["tutor"]["variants"]["socratic"]}
+    result, out, _ = _run(write_matrix, tmp_path, matrix)
+    assert result.exit_code == 0, result.output
+
+    run = open_run(out)
+    (session,) = run.sessions()
+    assert session["status"] == "completed"
+    assert session["stop_reason"] == "student_stop"
+    assert session["turns"] == 2
+    assert fake.roles["tutor"] == 2 and fake.roles["student"] == 2
+    (transcript,) = run.transcripts().values()
+    assert len(transcript) == 5
+    assert transcript[-1] == ("student", "Oh, 3/6 + 2/6 = 5/6, I get it now.")
+    assert not any("[END]" in content for _, content in transcript)
+
+
+# -- judges ---------------------------------------------------------------------------------------
+
+
+def test_unparseable_judge_answer_is_an_error_not_a_verdict(make_fake, write_matrix, tmp_path, open_run):
+    fake = make_fake(judge_reply=lambda prompt, labels: "not json")
+    matrix = base_matrix(fake.base_url)
+    matrix["judges"]["use"] = ["coherence"]
+    result, out, _ = _run(write_matrix, tmp_path, matrix)
+    assert result.exit_code == 0, result.output
+
+    run = open_run(out)
+    judgements = run.judgements()
+    assert len(judgements) == 2
+    for j in judgements:
+        assert j["status"] == "error"
+        assert j["error"]  # a reason
+        assert j["label"] is None and j["passed"] is None
+    assert fake.roles["judge"] >= 2
+
+    overall = run.summary()["dimensions"]["coherence"]["overall"]
+    assert overall["error"] == 2
+    assert overall["pass"] == 0 and overall["fail"] == 0 and overall["judged"] == 0
+    assert overall["fail_rate"] is None
+    for counts in run.summary()["dimensions"]["coherence"]["by_variant"].values():
+        assert counts["error"] == 1 and counts["pass"] == counts["fail"] == 0
+
+
+def test_judges_fail_skip_and_keep_braces(make_fake, write_matrix, tmp_path, open_run):
+    fake = make_fake(judge_label=lambda prompt, labels: FAILING[judge_name(prompt)])
+    braces = "What is {x} plus {{y}} when x = 1/2 and y = 1/3?"
+    topics = [
+        {"name": "braces", "opening": braces, "reference": "5/6"},
+        {"name": "no reference", "opening": "How do I solve 3x + 5 = 20?"},
+    ]
+    matrix = base_matrix(fake.base_url, topics=topics)
+    matrix["tutor"]["variants"] = {"socratic": matrix["tutor"]["variants"]["socratic"]}
+    result, out, _ = _run(write_matrix, tmp_path, matrix)
+    assert result.exit_code == 0, result.output
+
+    run = open_run(out)
+    topic_of = {s["session_id"]: s["topic"] for s in run.sessions()}
+    verdicts = {(topic_of[j["session_id"]], j["judge"]): j for j in run.judgements()}
+    assert set(verdicts) == {("braces", "coherence"), ("braces", "correctness"),
+                             ("no reference", "coherence"), ("no reference", "correctness")}
+
+    skipped = verdicts[("no reference", "correctness")]
+    assert skipped["status"] == "skipped" and "reference" in skipped["error"]
+    assert skipped["label"] is None and skipped["passed"] is None
+    for key in (("braces", "coherence"), ("braces", "correctness"), ("no reference", "coherence")):
+        j = verdicts[key]
+        assert j["status"] == "ok" and j["passed"] == 0
+        assert j["label"] == FAILING[key[1]]
+
+    dims = run.summary()["dimensions"]
+    assert dims["correctness"]["overall"] == {**dims["correctness"]["overall"],
+                                              "pass": 0, "fail": 1, "skipped": 1, "error": 0, "judged": 1}
+    assert dims["correctness"]["overall"]["fail_rate"] == 1.0
+    assert dims["coherence"]["overall"]["fail"] == 2 and dims["coherence"]["overall"]["pass"] == 0
+    assert dims["correctness"]["by_topic"]["no reference"]["skipped"] == 1
+
+    # The judges read the transcript with its braces intact, and the skipped judge was never asked.
+    prompts = ["\n".join(str(m["content"]) for m in r["messages"]) for r in fake.requests_of("judge")]
+    with_braces = [p for p in prompts if braces in p]
+    assert {judge_name(p) for p in with_braces} == {"coherence", "correctness"}
+    assert all(f"Student: {braces}" in p for p in with_braces)
+    correctness_prompts = [p for p in prompts if judge_name(p) == "correctness"]
+    assert len(correctness_prompts) == 1 and braces in correctness_prompts[0]
+
+
+# -- report and resume ----------------------------------------------------------------------------
+
+
+def test_report_command_rebuilds_without_model_calls(fake, write_matrix, tmp_path, open_run):
+    result, out, _ = _run(write_matrix, tmp_path, base_matrix(fake.base_url))
+    assert result.exit_code == 0, result.output
+    before = json.loads((out / "summary.json").read_text())
+    calls = fake.chat_calls
+    (out / "summary.json").unlink()
+    (out / "report.html").unlink()
+
+    result = invoke("report", out)
+    assert result.exit_code == 0, result.output
+    assert fake.chat_calls == calls
+    assert (out / "report.html").is_file()
+    assert json.loads((out / "summary.json").read_text()) == before
+    assert "2 planned, 2 completed" in result.stdout
+
+
+def test_report_on_a_directory_without_a_run_exits_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = invoke("report", tmp_path / "empty")
+    assert result.exit_code == 2
+    assert "run.sqlite" in result.stderr
+
+
+def test_resume_of_a_finished_run_makes_no_new_sessions(fake, write_matrix, tmp_path, open_run):
+    result, out, path = _run(write_matrix, tmp_path, base_matrix(fake.base_url))
+    assert result.exit_code == 0, result.output
+    sessions = open_run(out).sessions()
+    calls = fake.chat_calls
+
+    result = run_cli(path, out, "--resume", "--cache", tmp_path / "cache.sqlite")
+    assert result.exit_code == 0, result.output
+    assert fake.chat_calls == calls
+    assert open_run(out).sessions() == sessions
+    assert json.loads((out / "summary.json").read_text())["sessions"]["completed"] == 2
+
+
+def test_resume_with_a_changed_matrix_exits_2(fake, write_matrix, tmp_path, open_run):
+    result, out, path = _run(write_matrix, tmp_path, base_matrix(fake.base_url))
+    assert result.exit_code == 0, result.output
+    sessions = open_run(out).sessions()
+    calls = fake.chat_calls
+
+    changed = write_matrix(base_matrix(fake.base_url, max_turns=3), "changed.yaml")
+    result = run_cli(changed, out, "--resume", "--cache", tmp_path / "cache.sqlite")
+    assert result.exit_code == 2
+    assert "changed" in result.stderr
+    assert fake.chat_calls == calls
+    assert open_run(out).sessions() == sessions
+
+
+def test_new_run_into_an_existing_run_dir_exits_2(fake, write_matrix, tmp_path):
+    result, out, path = _run(write_matrix, tmp_path, base_matrix(fake.base_url))
+    assert result.exit_code == 0, result.output
+    calls = fake.chat_calls
+    result = run_cli(path, out, "--cache", tmp_path / "cache.sqlite")
+    assert result.exit_code == 2
+    assert fake.chat_calls == calls
+
+
+def test_resume_reruns_an_unfinished_session_as_a_new_attempt(fake, write_matrix, tmp_path, open_run):
+    matrix = base_matrix(fake.base_url, max_turns=2)
+    result, out, path = _run(write_matrix, tmp_path, matrix)
+    assert result.exit_code == 0, result.output
+    first = open_run(out).sessions()
+    killed = first[0]
+    # What a kill mid-session leaves behind: the row still 'running', no verdicts.
+    db = sqlite3.connect(out / "run.sqlite")
+    db.execute("UPDATE sessions SET status = 'running', stop_reason = NULL WHERE session_id = ?", (killed["session_id"],))
+    db.execute("DELETE FROM evaluations WHERE session_id = ?", (killed["session_id"],))
+    db.commit()
+    db.close()
+    tutor_calls = fake.roles["tutor"]
+
+    result = run_cli(path, out, "--resume", "--no-cache")
+    assert result.exit_code == 0, result.output
+    assert fake.roles["tutor"] - tutor_calls == 2  # only the unfinished sample ran again
+
+    run = open_run(out)
+    retried = [s for s in run.sessions() if s["sample_id"] == killed["sample_id"]]
+    assert [s["attempt"] for s in retried] == [1, 2]
+    new_id = f"{run.run_id}/{killed['sample_id']}/2"
+    assert retried[1]["session_id"] == new_id and retried[1]["status"] == "completed"
+    # The retry's spans are its own: a full transcript, not mixed with the killed attempt's.
+    transcripts = run.transcripts()
+    assert len(transcripts[new_id]) == 1 + 2 * 2
+    assert {j["session_id"] for j in run.judgements()} >= {new_id}
+    summary = run.summary()["sessions"]
+    assert summary["planned"] == 2 and summary["completed"] == 2 and summary["superseded_attempts"] == 1
