@@ -6,6 +6,7 @@ child process, so its CPU time and peak RSS are its own.
 
     python benchmarks/engine.py                 # every scenario
     python benchmarks/engine.py sim64 judge64   # some of them
+    python benchmarks/engine.py sim64 --sessions 100   # a quick smoke run of one scenario
 
 Sessions have 3 tutor + 3 student calls (max_turns 3). Bounds: a session needs 6 sequential calls,
 so simulation cannot beat ``concurrency / (6 x latency)`` sessions/s; judging cannot beat
@@ -108,8 +109,10 @@ def child(spec: dict) -> None:
     print(json.dumps(results))
 
 
-def run_scenario(name: str) -> dict:
+def run_scenario(name: str, sessions: int | None = None) -> dict:
     spec = dict(SCENARIOS[name])
+    if sessions:
+        spec["sessions"] = sessions
     port = _free_port()
     server = subprocess.Popen([sys.executable, str(FAKE), "--port", str(port), "--latency", str(spec["latency"])],
                               stdout=subprocess.PIPE, text=True)
@@ -152,10 +155,15 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--child"]:
         child(json.loads(argv[1]))
         return
+    sessions = None
+    if "--sessions" in argv:
+        i = argv.index("--sessions")
+        sessions = int(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
     names = argv or list(SCENARIOS)
     print(f"simbench engine benchmark; {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}")
     for name in names:
-        report(name, run_scenario(name))
+        report(name, run_scenario(name, sessions))
 
 
 if __name__ == "__main__":

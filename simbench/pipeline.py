@@ -171,31 +171,41 @@ async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress,
         await tutor.client.close()
         await student.client.close()
     if judge:
-        await _judge_run(matrix, run_id, store, endpoints["judge"], cache, limiters[endpoints["judge"].name], progress)
+        await _judge_run(matrix, run_id, store, endpoints["judge"], cache, limiters[endpoints["judge"].name], progress, counters)
 
 
-async def _judge_run(matrix, run_id, store, endpoint, cache, limiter, progress) -> None:
+async def _judge_run(matrix, run_id, store, endpoint, cache, limiter, progress, counters) -> None:
     """Judge every completed session that has no verdict yet, reading transcripts from the trace store."""
     latest = {s["session_id"]: s for s in store.latest_sessions() if s["status"] == "completed"}
     done = {(j.session_id, j.judge) for j in store.judgements()}
     transcripts = [t for t in rebuild_sessions(spans_dataframe(store, f"{run_id}/")) if t.session_id in latest]
     definitions = [BUILTIN[name] for name in matrix.judges.use]
-    inputs = []
+    # A resumed run may have some judges done for a session: ask only for the missing ones.
+    groups: dict[tuple[str, ...], list[JudgeInput]] = {}
     for t in transcripts:
-        if all((t.session_id, d.name) in done for d in definitions):
-            continue
-        session = latest[t.session_id]
-        topic = matrix.topic(session["topic"])
-        inputs.append(JudgeInput(t, session["sample_id"], topic.name, topic.opening, topic.reference, topic.goal))
+        missing = tuple(d.name for d in definitions if (t.session_id, d.name) not in done)
+        if missing:
+            session = latest[t.session_id]
+            topic = matrix.topic(session["topic"])
+            groups.setdefault(missing, []).append(
+                JudgeInput(t, session["sample_id"], topic.name, topic.opening, topic.reference, topic.goal))
+
+    by_status = {"error": 0, "skipped": 0}
 
     def save(judgement: Judgement, calls: list[CallRecord]) -> None:
         store.add_judgements([judgement], {judgement.session_id: calls})
+        if judgement.status in by_status:
+            by_status[judgement.status] += 1
+        bar.set_postfix_str(f"error={by_status['error']} skipped={by_status['skipped']} "
+                            f"retries={counters.retries} 429s={counters.rate_limited}", refresh=False)
 
-    total = len(inputs) * len(definitions)
+    total = sum(len(inputs) * len(names) for names, inputs in groups.items())
     with tqdm(total=total, desc="judgements", unit="judgement", disable=not progress or not total,
               file=sys.stderr, dynamic_ncols=True) as bar:
-        await judge_sessions(inputs, definitions, endpoint, cache, limiter, save, concurrency=matrix.concurrency,
-                             max_tokens=matrix.judges.max_tokens, temperature=matrix.judges.temperature, progress=bar)
+        for names, inputs in groups.items():
+            await judge_sessions(inputs, [BUILTIN[n] for n in names], endpoint, cache, limiter, save,
+                                 concurrency=matrix.concurrency, max_tokens=matrix.judges.max_tokens,
+                                 temperature=matrix.judges.temperature, progress=bar)
 
 
 def _report(matrix: Matrix, store: RunStore, run_dir: Path, gates: Optional[dict[str, float]]) -> RunOutcome:

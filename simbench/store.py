@@ -251,6 +251,14 @@ class RunStore:
             }
         return out
 
+    def usage_by_model(self) -> list[dict[str, Any]]:
+        """Tokens per (role, model, cached): what cost accounting needs (cached calls cost nothing)."""
+        rows = self._read(
+            "SELECT role, model, cached, SUM(prompt_tokens) AS prompt_tokens,"
+            " SUM(completion_tokens) AS completion_tokens FROM calls GROUP BY role, model, cached"
+        )
+        return [dict(r) for r in rows]
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

@@ -20,6 +20,7 @@ import httpx2
 import pandas as pd
 from openinference.instrumentation import suppress_tracing
 from phoenix.evals import LLM, ClassificationEvaluator, async_evaluate_dataframe
+from phoenix.evals.llm.wrapper import generate_classification_schema
 from tqdm import tqdm
 
 from ..models.cache import ResponseCache
@@ -172,10 +173,11 @@ async def judge_sessions(
     llm = judge_llm(client, endpoint, requests_per_second=max(100.0, 10.0 * concurrency))
     # More phoenix workers than the model's limiter admits would only sit out phoenix's timeout in our queue.
     workers = max(1, min(concurrency, limiter.limit.maximum))
-    patience = endpoint.timeout * (limiter.max_retries + 1) + 60
-    phoenix_retries = max(3, math.ceil(patience / PHOENIX_TASK_TIMEOUT_S))
+    # Enough requeues to outwait one request's own timeout (the in-flight request is shared).
+    phoenix_retries = max(3, math.ceil((endpoint.timeout + 60) / PHOENIX_TASK_TIMEOUT_S))
     judges = [
-        SessionJudge(d, llm, endpoint.name, report, max_tokens=max_tokens, temperature=temperature)
+        SessionJudge(d, llm, endpoint.name, report, max_tokens=max_tokens, temperature=temperature,
+                     **(_bounded_explanation(d, max_tokens) if endpoint.local else {}))
         for d in definitions
     ]
     try:
@@ -196,6 +198,24 @@ async def judge_sessions(
     for judge in judges:
         details = result[f"{judge.name}_execution_details"].tolist()
         judge.report_failures(rows, details)
+
+
+def _bounded_explanation(definition: JudgeDefinition, max_tokens: int) -> dict[str, Any]:
+    """Request options that cap the explanation's length in the JSON schema itself.
+
+    A small model (the embedded one) can ramble in its explanation until ``max_tokens`` cuts the JSON
+    mid-string, and at temperature 0 every retry rambles the same way. llama.cpp turns ``maxLength``
+    into its grammar, so the answer always closes. The schema is phoenix.evals' own, plus the cap;
+    it replaces phoenix's ``response_format`` through ``extra_body`` (OpenAI's strict mode rejects
+    ``maxLength``, so this is for the embedded model only). A token is at least one character, so
+    the answer fits in ``max_tokens``.
+    """
+    schema = generate_classification_schema(list(definition.choices), include_explanation=True)
+    schema["properties"]["explanation"]["maxLength"] = max(40, max_tokens - 48)
+    schema["additionalProperties"] = False
+    response_format = {"type": "json_schema",
+                       "json_schema": {"name": "extract_structured_data", "schema": schema, "strict": True}}
+    return {"extra_body": {"response_format": response_format}}
 
 
 def _failure_reason(detail: Any) -> str:

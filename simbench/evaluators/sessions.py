@@ -22,17 +22,19 @@ def rebuild_sessions(spans: pd.DataFrame) -> list[Transcript]:
         return []
     spans = spans[spans["attributes.session.id"].notna() & (spans["status_code"] != "ERROR")]
     spans = spans.sort_values("start_time", kind="stable")
-    transcripts = []
-    for session_id, group in spans.groupby("attributes.session.id", sort=False):
-        transcripts.append(_transcript(str(session_id), group))
-    return transcripts
+    # One conversion of the whole frame, then plain dicts: a per-session ``to_dict`` costs ~2.5 ms
+    # each in pandas, 25 s for 10,000 sessions. Sessions keep the order of their first span.
+    by_session: dict[Any, list[dict]] = {}
+    for span in spans.to_dict("records"):
+        by_session.setdefault(span["attributes.session.id"], []).append(span)
+    return [_transcript(str(session_id), group) for session_id, group in by_session.items()]
 
 
-def _transcript(session_id: str, group: pd.DataFrame) -> Transcript:
+def _transcript(session_id: str, group: list[dict]) -> Transcript:
     messages: list[Message] = []
     first_span_id = None
     metadata: dict[str, Any] = {}
-    for span in group.to_dict("records"):
+    for span in group:
         if span["name"] == SESSION_END_SPAN:
             text = span.get("attributes.input.value")
             if isinstance(text, str) and text and (not messages or messages[-1].role == "tutor"):

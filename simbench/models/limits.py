@@ -98,7 +98,8 @@ class SlidingWindow:
                     self.events.append(event)  # type: ignore[arg-type]
                     self.total += units
                     return event
-                await asyncio.sleep(max(0.01, self.events[0][0] + WINDOW_S - now))
+                # re-check at least twice a second: adjust() may have made room meanwhile
+                await asyncio.sleep(min(0.5, max(0.01, self.events[0][0] + WINDOW_S - now)))
 
     def adjust(self, event: list, units: float) -> None:
         """Replace an estimate with the real count once the answer says how many tokens it used."""

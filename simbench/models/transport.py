@@ -85,7 +85,7 @@ class ModelTransport(httpx2.AsyncBaseTransport):
                 self._record(scope, 0, 200, True, 0.0, content)
                 return httpx2.Response(200, headers={"content-type": content_type}, content=content, request=request)
 
-        estimate = _estimated_tokens(body)
+        estimate = _estimated_tokens(body) if self.limiter.tokens is not None else 0
         attempt = 0
         while True:
             async with self.limiter.slot(estimate) as window_event:

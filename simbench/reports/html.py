@@ -5,12 +5,18 @@ each cell linking to its sessions; sessions are grouped by pair key so the basel
 variant's sessions of the same topic, persona and repeat sit side by side. One small script (allowed
 by its hash in the CSP, never ``'unsafe-inline'``) opens linked sections and filters the sessions;
 without it every link and section still works.
+
+Large runs (more than ``LAZY_THRESHOLD`` sessions) do not put every transcript into the page: the
+sessions go into one ``<script type="application/json">`` block (``<``, ``>`` and ``&`` written as
+``\\u003c``, ``\\u003e``, ``\\u0026``, so no model text can close it) and the script renders a page of
+pair groups at a time, each group's transcripts only when it is opened, with ``textContent``.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections import defaultdict
 from importlib import resources
 from pathlib import Path
@@ -36,6 +42,13 @@ OUTCOME_ORDER = {"fail": 0, "error": 1, "skipped": 2, "pass": 3}
 MAX_PASSED_LINKS = 50
 # Failed, errored and skipped judgements listed per cell with their explanation; the rest by a filter link.
 MAX_LISTED = 100
+# Above this many sessions the session list is rendered by the script from embedded JSON, a page at a time.
+LAZY_THRESHOLD = 300
+# In such a report, fewer judgements are listed per cell (the filtered session list has them all).
+MAX_LISTED_LAZY = 20
+# Pair groups per page of the lazily rendered session list.
+PAGE_SIZE = 25
+SESSION_DATA_ID = "session-data"
 
 
 def _asset(name: str) -> str:
@@ -179,8 +192,58 @@ def breakdown_rows(summary: dict[str, Any]) -> dict[str, list[str]]:
     return rows
 
 
-def render_report(store: RunStore, summary: dict[str, Any], embedded: bool) -> str:
-    """The whole report as one HTML string."""
+def script_json(value: Any) -> Markup:
+    """JSON that is safe inside ``<script type="application/json">``: no ``<``, ``>`` or ``&`` survives, so
+    neither ``</script>`` nor ``<!--`` in model text can end the block. ``JSON.parse`` reads it back unchanged."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+    # U+2028 and U+2029 are valid in JSON and in a script's text; escaped anyway for old parsers.
+    return Markup(text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def _usage_row(role: str, u: dict[str, Any]) -> list:
+    return [role, u.get("calls") or 0, u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0,
+            round(u.get("latency_s") or 0, 3)]
+
+
+def session_data(views: list[dict[str, Any]], pairs: list[dict[str, Any]], dimensions: list[str],
+                 page_size: int = PAGE_SIZE) -> dict[str, Any]:
+    """The sessions of a large report for its script: pair groups in display order, each session with
+    its transcript, judgements, usage and filter tokens. Names of variants, topics and personas are
+    listed once and referred to by index. report.js documents the fields it reads."""
+    names: dict[str, dict[str, int]] = {"variant": {}, "topic": {}, "persona": {}}
+
+    def ref(kind: str, name: str) -> int:
+        return names[kind].setdefault(name, len(names[kind]))
+
+    index = {v["anchor"]: i for i, v in enumerate(views)}
+    sessions = []
+    for v in views:
+        sessions.append({
+            "a": v["anchor"], "v": ref("variant", v["variant"]), "t": ref("topic", v["topic"]),
+            "p": ref("persona", v["persona"]), "r": v["repeat"], "b": 1 if v["baseline"] else 0,
+            "st": v["status"], "f": 1 if v["failed"] else 0, "n": v["turns"] or 0,
+            "id": v["session_id"], "sp": v["span_id"] or "", "stop": v["stop_reason"] or "", "err": v["error"] or "",
+            "l": v["labels"],
+            "o": [[dim, v["outcomes"][dim], j.label if j.status == "ok" else j.status] for dim, j in v["by_dim"].items()],
+            "u": [_usage_row(role, u) for role, u in v["usage"].items()],
+            "m": [[m.role, m.content] for m in v["messages"]],
+            "j": [[j.judge, j.judge_sample, ("pass" if j.passed else "fail") if j.status == "ok" else j.status,
+                   j.label if j.status == "ok" else j.status, j.explanation or j.error or ""] for j in v["judgements"]],
+        })
+    groups = [{"a": g["anchor"], "t": ref("topic", g["topic"]), "p": ref("persona", g["persona"]), "r": g["repeat"],
+               "fl": g["failed"], "er": g["errored"], "s": [index[s["anchor"]] for s in g["sessions"]]}
+              for g in pairs]
+    return {"version": 1, "page_size": page_size, "dimensions": dimensions,
+            "names": {kind: list(n) for kind, n in names.items()}, "sessions": sessions, "groups": groups}
+
+
+def render_report(store: RunStore, summary: dict[str, Any], embedded: bool, lazy: Optional[bool] = None) -> str:
+    """The whole report as one HTML string.
+
+    ``lazy``: embed the sessions as JSON and let the script render them a page at a time (None: when
+    the run has more than ``LAZY_THRESHOLD`` sessions); otherwise every session is in the HTML.
+    """
     template = environment().get_template("report.html.j2")
     rows = breakdown_rows(summary)
     dimensions = list(summary["dimensions"])
@@ -197,6 +260,9 @@ def render_report(store: RunStore, summary: dict[str, Any], embedded: bool) -> s
         "dim": dimensions,
         "label": sorted({j.label.replace(" ", "_") for v in views for j in v["by_dim"].values() if j.status == "ok" and j.label}),
     }
+    pairs = pair_groups(views, variants)
+    if lazy is None:
+        lazy = len(views) > LAZY_THRESHOLD
     return template.render(
         summary=summary,
         breakdown_rows=rows,
@@ -204,21 +270,27 @@ def render_report(store: RunStore, summary: dict[str, Any], embedded: bool) -> s
         variants=variants,
         comparisons=comparison_rows(summary.get("comparisons") or {}),
         drills=drill_lists(views, rows, dimensions),
-        pairs=pair_groups(views, variants),
+        pairs=[] if lazy else pairs,
+        lazy=lazy,
+        session_data=script_json(session_data(views, pairs, dimensions)) if lazy else None,
+        session_data_id=SESSION_DATA_ID,
+        page_size=PAGE_SIZE,
         sessions_total=len(views),
         rate_plot=plots.rate_plot(summary),
         turns_plot=plots.turns_plot(dict(turns), variants),
         filters=filters,
         max_passed_links=MAX_PASSED_LINKS,
-        max_listed=MAX_LISTED,
+        max_listed=MAX_LISTED_LAZY if lazy else MAX_LISTED,
         embedded_notice=EMBEDDED_NOTICE if embedded else None,
         **assets(),
     )
 
 
-def write_report(store: RunStore, summary: dict[str, Any], run_dir: Path, embedded: bool) -> Path:
-    path = Path(run_dir) / REPORT_FILE
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(render_report(store, summary, embedded), encoding="utf-8")
+def write_report(store: RunStore, summary: dict[str, Any], run_dir: Path, embedded: bool,
+                 lazy: Optional[bool] = None, path: Optional[Path] = None) -> Path:
+    """Write ``RUN_DIR/report.html`` (or ``path``); ``lazy`` as in ``render_report``."""
+    path = Path(path) if path else Path(run_dir) / REPORT_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render_report(store, summary, embedded, lazy), encoding="utf-8")
     tmp.replace(path)
     return path

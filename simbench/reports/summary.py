@@ -126,12 +126,17 @@ def build_summary(store: RunStore) -> dict[str, Any]:
         "dimensions": breakdowns(outcomes, judges),
         "comparisons": variant_comparisons(outcomes, variants, baseline, judges) if baseline else {},
         "consistency": consistency(outcomes, variants, judges, repeats),
-        "usage": usage_totals(store),
+        "usage": usage_totals(store, {name: m["price"] for name, m in (matrix.get("models") or {}).items()
+                                      if m.get("price")}),
     }
 
 
-def usage_totals(store: RunStore) -> dict[str, dict[str, Any]]:
-    """Calls, tokens and latency per role over the whole run."""
+def usage_totals(store: RunStore, prices: Optional[dict[str, dict[str, float]]] = None) -> dict[str, dict[str, Any]]:
+    """Calls, retries, tokens, model time and (where the matrix prices a model) cost per role.
+
+    ``prices`` maps a model name to ``{input, output}`` dollars per million tokens. Cached calls cost
+    nothing; ``cost_usd`` is None when a role used a model without a price.
+    """
     totals: dict[str, dict[str, Any]] = {}
     for roles in store.usage_by_session().values():
         for role, u in roles.items():
@@ -140,6 +145,20 @@ def usage_totals(store: RunStore) -> dict[str, dict[str, Any]]:
                 t[k] += v or 0
     for t in totals.values():
         t["latency_s"] = round(t["latency_s"], 3)
+        t["cost_usd"] = 0.0
+    prices = prices or {}
+    for row in store.usage_by_model():
+        t = totals.get(row["role"])
+        if t is None or row["cached"]:
+            continue
+        price = prices.get(row["model"])
+        if price is None or t["cost_usd"] is None:
+            t["cost_usd"] = None
+            continue
+        t["cost_usd"] += ((row["prompt_tokens"] or 0) * price["input"] + (row["completion_tokens"] or 0) * price["output"]) / 1e6
+    for t in totals.values():
+        if t["cost_usd"] is not None:
+            t["cost_usd"] = round(t["cost_usd"], 6)
     return totals
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Optional
 
 from tqdm import tqdm
@@ -35,7 +36,7 @@ async def simulate(
         async with gate:
             attempt = store.next_attempt(sample.sample_id)
             session_id = session_id_for(run_id, sample.sample_id, attempt)
-            store.start_session(SimulatedSession(sample, session_id, attempt, "running"))
+            store.start_session(SimulatedSession(sample, session_id, attempt, "running", started_at=time.time()))
             result = await run_session(matrix, tutor, student, sample, session_id, attempt)
             flush_spans()
             store.finish_session(result.session, result.closing_span_id, result.calls)
