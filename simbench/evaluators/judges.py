@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import math
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -97,8 +98,15 @@ class SessionJudge(ClassificationEvaluator):
         try:
             with call_scope(scope):
                 scores = await super().async_evaluate(eval_input=eval_input, input_mapping=input_mapping)
-        finally:
+        except Exception as exc:
+            # The transport has already retried what a retry can fix; an answer that does not parse
+            # would come back the same (at temperature 0, or from the cache). Recording the error here
+            # keeps it from phoenix's executor, whose requeues and concurrency cuts add nothing.
             self.calls.setdefault(key, []).extend(scope.calls)
+            self._report(key, Judgement(session_id, self.name, self.judge_model, judge_sample, "error",
+                                        error=f"{type(exc).__name__}: {exc}"[:1000]))
+            return []
+        self.calls.setdefault(key, []).extend(scope.calls)
         score = scores[0]
         passed = score.label in self.definition.pass_labels()
         self._report(key, Judgement(session_id, self.name, self.judge_model, judge_sample, "ok", score.label,
@@ -109,14 +117,23 @@ class SessionJudge(ClassificationEvaluator):
         self.reported.add(key)
         self.on_judgement(judgement, self.calls.pop(key, []))
 
-    def report_failures(self, rows: list[dict], details: list[Any]) -> None:
-        """After the executor gave up on a row: record ``error`` with its exceptions (never a verdict)."""
+    def report_failures(self, rows: list[dict], details: list[Any]) -> int:
+        """After the executor gave up on a row: record ``error`` with its reason (never a verdict).
+
+        Rows the executor never ran (it was interrupted) are left unrecorded, for a resumed run;
+        returns how many there were.
+        """
+        not_run = 0
         for row, detail in zip(rows, details):
             key = (row["session_id"], int(row["judge_sample"]))
             if key in self.reported:
                 continue
+            if _status(detail) == "DID NOT RUN":
+                not_run += 1
+                continue
             self._report(key, Judgement(row["session_id"], self.name, self.judge_model, key[1], "error",
                                         error=_failure_reason(detail)))
+        return not_run
 
 
 def judge_llm(client: httpx2.AsyncClient, endpoint: Endpoint, requests_per_second: float) -> LLM:
@@ -171,8 +188,8 @@ async def judge_sessions(
     # phoenix.evals' own limiter starts at 5 requests/s and would throttle the run; ours governs.
     client = http_client(endpoint, cache, limiter)
     llm = judge_llm(client, endpoint, requests_per_second=max(100.0, 10.0 * concurrency))
-    # More phoenix workers than the model's limiter admits would only sit out phoenix's timeout in our queue.
-    workers = max(1, min(concurrency, limiter.limit.maximum))
+    # More workers than the model's limiter admits would only sit out phoenix's timeout in our queue.
+    workers = max(1, min(concurrency, limiter.limit.maximum, len(rows)))
     # Enough requeues to outwait one request's own timeout (the in-flight request is shared).
     phoenix_retries = max(3, math.ceil((endpoint.timeout + 60) / PHOENIX_TASK_TIMEOUT_S))
     judges = [
@@ -180,24 +197,39 @@ async def judge_sessions(
                      **(_bounded_explanation(d, max_tokens) if endpoint.local else {}))
         for d in definitions
     ]
+    # One single-worker executor per shard of rows, not one executor with many workers: phoenix's
+    # executor lowers its target worker count after timeouts, and a worker above the target idles
+    # while the row it requeued waits in the queue for ever (seen here: a run stalled on its last
+    # row). A target can never drop below one worker.
+    shards = [rows[i::workers] for i in range(workers)]
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         # phoenix.evals reports requeues with tqdm.write on stdout; keep stdout for our results.
         with suppress_tracing(), contextlib.redirect_stdout(sys.stderr):
-            result = await async_evaluate_dataframe(
-                dataframe=pd.DataFrame(rows),
-                evaluators=judges,
-                concurrency=workers,
-                hide_tqdm_bar=True,
-                exit_on_error=False,
-                max_retries=phoenix_retries,
-            )
+            results = await asyncio.gather(*(
+                async_evaluate_dataframe(
+                    dataframe=pd.DataFrame(shard),
+                    evaluators=judges,
+                    concurrency=1,
+                    hide_tqdm_bar=True,
+                    exit_on_error=False,
+                    max_retries=phoenix_retries,
+                )
+                for shard in shards
+            ))
     finally:
+        # each executor swaps the SIGINT handler in and out; concurrent ones can restore a stale one
+        signal.signal(signal.SIGINT, sigint)
         for judge in judges:
             judge.cancel_in_flight()
         await client.aclose()
-    for judge in judges:
-        details = result[f"{judge.name}_execution_details"].tolist()
-        judge.report_failures(rows, details)
+    not_run = 0
+    for shard, result in zip(shards, results):
+        for judge in judges:
+            not_run += judge.report_failures(shard, result[f"{judge.name}_execution_details"].tolist())
+    if not_run:
+        # phoenix's executor stops on Ctrl-C and returns: leave those rows for a resumed run
+        raise KeyboardInterrupt(f"judging interrupted with {not_run} judgement(s) not run")
 
 
 def _bounded_explanation(definition: JudgeDefinition, max_tokens: int) -> dict[str, Any]:
@@ -216,6 +248,15 @@ def _bounded_explanation(definition: JudgeDefinition, max_tokens: int) -> dict[s
     response_format = {"type": "json_schema",
                        "json_schema": {"name": "extract_structured_data", "schema": schema, "strict": True}}
     return {"extra_body": {"response_format": response_format}}
+
+
+def _status(detail: Any) -> Optional[str]:
+    if isinstance(detail, str):
+        try:
+            detail = json.loads(detail)
+        except ValueError:
+            return None
+    return detail.get("status") if isinstance(detail, dict) else None
 
 
 def _failure_reason(detail: Any) -> str:
