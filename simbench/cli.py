@@ -169,6 +169,61 @@ def compare(run_dir_a: str, run_dir_b: str, out: Optional[str]) -> None:
     click.echo(f"report: {path}")
 
 
+def _cache_path(cache: Optional[str], no_cache: bool) -> Optional[Path]:
+    return None if no_cache else Path(cache) if cache else default_cache_path()
+
+
+def _load_optional(matrix: Optional[str]):
+    return _load(matrix) if matrix else None
+
+
+def _input_problems(exc) -> None:
+    """Print every problem of an invalid input file and exit 2 (nothing was sent to a model)."""
+    for problem in exc.problems:
+        click.echo(f"error: {problem}", err=True)
+    click.echo(f"{len(exc.problems)} problem(s); nothing was judged.", err=True)
+    sys.exit(EXIT_INPUT)
+
+
+@cli.command()
+@click.option("--transcripts", "transcripts", type=click.Path(dir_okay=False), default=None,
+              help="A JSONL file of conversations, one session per line (docs/transcripts.md).")
+@click.option("--matrix", "matrix", type=click.Path(dir_okay=False), default=None,
+              help="Take the judges, their model and the gates from this matrix (default: every built-in judge "
+                   "on the embedded model).")
+@click.option("--out", "out", type=click.Path(file_okay=False), help="Run directory (default: runs/<name>-<run id>).")
+@click.option("--gate", "gates", multiple=True, metavar="DIM=RATE",
+              help="Minimum pass rate of DIM; a miss exits 1. Repeatable; adds to the matrix's gates.")
+@click.option("--cache", "cache", type=click.Path(dir_okay=False), default=None,
+              help=f"Response cache file shared by runs (default: {default_cache_path()}).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the response cache.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def judge(transcripts: Optional[str], matrix: Optional[str], out: Optional[str], gates: tuple[str, ...],
+          cache: Optional[str], no_cache: bool, quiet: bool) -> None:
+    """Judge existing conversations with the same judges and report as a simulated run.
+
+    Writes RUN_DIR/run.sqlite, report.html and summary.json. Exit codes: 0 done, 1 a gate failed,
+    2 invalid input, 3 the run could not complete.
+    """
+    from .evaluators.transcripts import TranscriptError
+    from .pipeline import RunError, judge_transcripts
+
+    if transcripts is None:
+        raise click.UsageError("say what to judge: --transcripts FILE")
+    spec = _load_optional(matrix)
+    gate_map = _parse_gates(gates)
+    try:
+        outcome = judge_transcripts(Path(transcripts), spec, Path(out) if out else None,
+                                    cache_path=_cache_path(cache, no_cache), gates=gate_map, progress=not quiet)
+    except TranscriptError as exc:
+        _input_problems(exc)
+    except RunError as exc:
+        _fail(str(exc), exc.exit_code)
+    _print_outcome(outcome)
+    if outcome.gate_failures:
+        sys.exit(EXIT_GATE)
+
+
 @cli.command("install-model")
 @click.option("--force", is_flag=True, help="Reinstall even if it is already there.")
 def install_model(force: bool) -> None:

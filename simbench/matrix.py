@@ -264,6 +264,46 @@ def context_needed(matrix: Matrix) -> int:
     return longest
 
 
+def judge_prompt_tokens(matrix: Matrix, transcript: str, topic: str, reference: Optional[str], goal: Optional[str]) -> int:
+    """An upper bound on the tokens of one judge request (template, conversation, fields, answer)."""
+    return (_JUDGE_TEMPLATE_TOKENS + _tokens(transcript) + _tokens(topic) + _tokens(reference) + _tokens(goal)
+            + matrix.judges.max_tokens)
+
+
+# -- the matrix of imported sessions ------------------------------------------------------------
+
+
+def import_matrix(sessions: list, name: str, base: Optional[Matrix] = None) -> Matrix:
+    """The matrix stored with a run of imported sessions (``evaluators.transcripts.ImportedSession``).
+
+    Judges, models, concurrency and gates come from ``base`` (default: the built-in judges on the
+    embedded model); variants, topics and personas are the names the sessions carry, so the summary
+    and the report break results down by them. Nothing is simulated: every role names the judge's model.
+    """
+    judges = base.judges if base else JudgesSpec()
+    topics: dict[str, Topic] = {}
+    for s in sessions:
+        # Imported sessions carry their own reference and goal; the topic only names them.
+        topics.setdefault(s.topic, Topic(name=s.topic, opening=s.opening or s.topic))
+    personas = {s.persona: Persona(name=s.persona, description="imported sessions") for s in sessions}
+    variants = {s.variant: "" for s in sessions}
+    return Matrix(
+        name=name or "transcripts",
+        models=dict(base.models) if base else {},
+        tutor=TutorSpec(model=judges.model, variants=variants),
+        student=StudentSpec(model=judges.model),
+        judges=judges,
+        topics=list(topics.values()),
+        personas=list(personas.values()),
+        # Sessions of one (variant, topic, persona) are different conversations, not repeats of one: no pass^k.
+        repeats=1,
+        max_turns=max((sum(1 for m in s.messages if m.role == "tutor") for s in sessions), default=1),
+        concurrency=base.concurrency if base else 8,
+        gates=dict(base.gates) if base else {},
+        source=base.source if base else "<transcripts>",
+    )
+
+
 # -- loading ----------------------------------------------------------------------------------
 
 _JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)

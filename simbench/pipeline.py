@@ -21,12 +21,13 @@ from . import __version__
 from .evaluators.builtin import BUILTIN
 from .evaluators.judges import JudgeInput, judge_sessions
 from .evaluators.sessions import rebuild_sessions
-from .matrix import Matrix
+from .evaluators.transcripts import ImportedSession, TranscriptError, import_sessions, load_transcripts, samples_for
+from .matrix import LOCAL_MAX_CONTEXT, Matrix, import_matrix, judge_prompt_tokens
 from .models.cache import ResponseCache
 from .models.embedded import EmbeddedModelError, EmbeddedServer, slot_context
 from .models.endpoints import Endpoint, EndpointError, check_reachable, endpoints_for, limiters_for, openai_client
 from .models.limits import RunCounters
-from .records import CallRecord, Judgement
+from .records import CallRecord, Judgement, Sample, Transcript
 from .reports.gates import check_gates, gate_failures  # noqa: F401  (gate_failures: the public name)
 from .reports.html import write_report
 from .reports.summary import build_summary, write_summary
@@ -100,7 +101,9 @@ def run_matrix(
             cache.close()
 
 
-def _open_run(matrix: Matrix, run_dir: Optional[Path], resume: bool) -> tuple[RunStore, str, Path]:
+def _open_run(matrix: Matrix, run_dir: Optional[Path], resume: bool,
+              samples: Optional[list[Sample]] = None) -> tuple[RunStore, str, Path]:
+    """Open (``resume``) or create a run; ``samples`` (default: the matrix's) are its plan."""
     if resume:
         if run_dir is None:
             raise RunError("--resume needs --out RUN_DIR (the run to finish)", 2)
@@ -119,17 +122,19 @@ def _open_run(matrix: Matrix, run_dir: Optional[Path], resume: bool) -> tuple[Ru
     run_dir.mkdir(parents=True, exist_ok=True)
     store = RunStore.open_run_dir(run_dir)
     store.create_run(run_id, matrix.name, matrix.source, matrix.fingerprint, matrix.model_dump_json(), __version__)
-    store.add_samples(matrix.samples())
+    store.add_samples(matrix.samples() if samples is None else samples)
     return store, run_id, run_dir
 
 
 @contextlib.contextmanager
-def _embedded_server(matrix: Matrix, run_dir: Path, needed: bool) -> Iterator[Optional[str]]:
+def _embedded_server(matrix: Matrix, run_dir: Path, needed: bool,
+                     context: Optional[int] = None) -> Iterator[Optional[str]]:
+    """The embedded model while the block runs; ``context``: tokens a slot needs (default: the matrix's)."""
     if not needed:
         yield None
         return
     names = matrix.local_model_names()
-    slot = slot_context(matrix.local_context_needed())
+    slot = slot_context(context or matrix.local_context_needed())
     _log(f"Starting the embedded model (llama-server, {slot} tokens per slot)...")
     try:
         with EmbeddedServer(names.pop(), slot, log_path=run_dir / "llama-server.log") as server:
@@ -185,10 +190,7 @@ async def _judge_run(matrix, run_id, store, endpoint, cache, limiter, progress, 
     for t in transcripts:
         missing = tuple(d.name for d in definitions if (t.session_id, d.name) not in done)
         if missing:
-            session = latest[t.session_id]
-            topic = matrix.topic(session["topic"])
-            groups.setdefault(missing, []).append(
-                JudgeInput(t, session["sample_id"], topic.name, topic.opening, topic.reference, topic.goal))
+            groups.setdefault(missing, []).append(_judge_input(matrix, latest[t.session_id], t))
 
     by_status = {"error": 0, "skipped": 0}
 
@@ -206,6 +208,18 @@ async def _judge_run(matrix, run_id, store, endpoint, cache, limiter, progress, 
             await judge_sessions(inputs, [BUILTIN[n] for n in names], endpoint, cache, limiter, save,
                                  concurrency=matrix.concurrency, max_tokens=matrix.judges.max_tokens,
                                  temperature=matrix.judges.temperature, progress=bar)
+
+
+def _judge_input(matrix: Matrix, session: dict, transcript: Transcript) -> JudgeInput:
+    """What the judges read besides the transcript: the topic's fields for a simulated session; for an
+    imported one, its own reference and goal (from its spans' metadata), keyed in the cache by its own id."""
+    topic = matrix.topic(session["topic"])
+    meta = transcript.metadata
+    if meta.get("imported"):
+        opening = next((m.content for m in transcript.messages if m.role == "student"), None)
+        return JudgeInput(transcript, f"import:{meta.get('source_id')}", topic.name, opening,
+                          meta.get("reference"), meta.get("goal"))
+    return JudgeInput(transcript, session["sample_id"], topic.name, topic.opening, topic.reference, topic.goal)
 
 
 def _report(matrix: Matrix, store: RunStore, run_dir: Path, gates: Optional[dict[str, float]]) -> RunOutcome:
@@ -229,3 +243,65 @@ def rebuild_report(run_dir: Path) -> RunOutcome:
         return _report(matrix, store, Path(run_dir), None)
     finally:
         store.close()
+
+
+# -- judging imported transcripts ------------------------------------------------------------------
+
+
+def judge_transcripts(
+    path: Path,
+    matrix: Optional[Matrix] = None,
+    run_dir: Optional[Path] = None,
+    *,
+    cache_path: Optional[Path] = None,
+    gates: Optional[dict[str, float]] = None,
+    progress: bool = True,
+) -> RunOutcome:
+    """Judge the conversations of a transcripts file (docs/transcripts.md) into a new run directory.
+
+    ``matrix`` supplies the judges, their model and the gates (default: the built-in judges on the
+    embedded model). The sessions go into the run's local trace store and are judged and reported
+    by the same code as a simulated run. Raises ``TranscriptError`` for an invalid file (before any
+    model call) and ``RunError`` as ``run_matrix`` does.
+    """
+    sessions = load_transcripts(path)
+    spec = import_matrix(sessions, Path(path).stem, matrix)
+    context = _imported_context(spec, sessions, str(path))
+    store, run_id, run_dir = _open_run(spec, run_dir, False, samples_for(sessions))
+    cache = ResponseCache(cache_path) if cache_path else None
+    try:
+        import_sessions(store, run_id, sessions, str(path))
+        with _embedded_server(spec, run_dir, spec.uses_local(), context) as local_url:
+            endpoints = _endpoints(spec, local_url)
+            if spec.uses_local():
+                _log("Judging with the embedded SmolLM2-135M model: it checks that the pipeline works; "
+                     "do not trust its judgements.")
+            asyncio.run(_judge_only(spec, store, endpoints, cache, progress))
+        store.finish_run("finished")
+        return _report(spec, store, run_dir, gates)
+    finally:
+        store.close()
+        if cache is not None:
+            cache.close()
+
+
+async def _judge_only(matrix: Matrix, store: RunStore, endpoints, cache, progress: bool) -> None:
+    counters = RunCounters()
+    limiters = limiters_for(matrix, counters)
+    judge = endpoints["judge"]
+    await _judge_run(matrix, store.run()["run_id"], store, judge, cache, limiters[judge.name], progress, counters)
+
+
+def _imported_context(matrix: Matrix, sessions: list[ImportedSession], source: str) -> Optional[int]:
+    """Tokens one embedded-model slot needs for the longest judge prompt; a conversation too long
+    for the model is an input error naming its line (before any model call)."""
+    if not matrix.uses_local():
+        return None
+    needed = {s.line: judge_prompt_tokens(matrix, "\n\n".join(m.content for m in s.messages), s.topic, s.reference, s.goal)
+              for s in sessions}
+    too_long = [f"{source}:{line}: the conversation needs about {n} tokens with the judge's prompt; the embedded "
+                f"model holds {LOCAL_MAX_CONTEXT} (judge it with a remote model: --matrix with judges.model)"
+                for line, n in needed.items() if n > LOCAL_MAX_CONTEXT]
+    if too_long:
+        raise TranscriptError(too_long)
+    return max(needed.values())

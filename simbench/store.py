@@ -59,9 +59,25 @@ def _migration_1() -> str:
     )
 
 
+def _migration_2() -> str:
+    """Imported sessions: where each came from (file line, its own id), human labels, run settings."""
+    return (
+        """
+        CREATE TABLE imported_sessions (
+            session_id TEXT PRIMARY KEY, source TEXT NOT NULL, source_id TEXT NOT NULL, line INTEGER NOT NULL
+        );
+        CREATE TABLE human_labels (
+            session_id TEXT NOT NULL, dimension TEXT NOT NULL, label TEXT NOT NULL,
+            PRIMARY KEY (session_id, dimension)
+        );
+        CREATE TABLE run_settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        """
+    )
+
+
 # Each returns the SQL that upgrades a file by one version; applied in order, once each, in one
 # transaction with the version bump. The count applied is the file's schema version.
-MIGRATIONS = [_migration_1]
+MIGRATIONS = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -258,6 +274,41 @@ class RunStore:
             " SUM(completion_tokens) AS completion_tokens FROM calls GROUP BY role, model, cached"
         )
         return [dict(r) for r in rows]
+
+    # -- imported sessions, human labels, run settings -----------------------------------------
+
+    def add_imported(self, rows: list[tuple[str, str, str, int]], labels: list[tuple[str, str, str]]) -> None:
+        """Record where imported sessions came from: (session_id, source file, source id, line), and
+        their human labels: (session_id, dimension, label)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany("INSERT OR REPLACE INTO imported_sessions VALUES (?, ?, ?, ?)", rows)
+                self._db.executemany("INSERT OR REPLACE INTO human_labels VALUES (?, ?, ?)", labels)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def imported_sessions(self) -> dict[str, dict[str, Any]]:
+        """{session_id: {source, source_id, line}} for the run's imported sessions (empty for a simulated run)."""
+        rows = self._read("SELECT * FROM imported_sessions ORDER BY line")
+        return {r["session_id"]: {"source": r["source"], "source_id": r["source_id"], "line": r["line"]} for r in rows}
+
+    def human_labels(self) -> dict[str, dict[str, str]]:
+        """{session_id: {dimension: label}}: the labels people gave imported sessions."""
+        out: dict[str, dict[str, str]] = {}
+        for r in self._read("SELECT * FROM human_labels ORDER BY rowid"):
+            out.setdefault(r["session_id"], {})[r["dimension"]] = r["label"]
+        return out
+
+    def set_setting(self, key: str, value: Any) -> None:
+        """Store a run setting (JSON) that the report needs again, e.g. the calibration map."""
+        self._write("INSERT OR REPLACE INTO run_settings VALUES (?, ?)", (key, dumps(value)))
+
+    def setting(self, key: str, default: Any = None) -> Any:
+        rows = self._read("SELECT value FROM run_settings WHERE key = ?", (key,))
+        return json.loads(rows[0]["value"]) if rows else default
 
     def close(self) -> None:
         with self._lock:

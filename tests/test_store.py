@@ -199,3 +199,26 @@ def test_unflatten_keeps_metadata_that_is_not_json():
     assert unflatten({"metadata": "not {json"})["metadata"] == "not {json"
     assert unflatten({"metadata": {"already": "a dict"}})["metadata"] == {"already": "a dict"}
     assert unflatten({}) == {}
+
+
+def test_a_schema_1_file_opens_and_gains_the_import_tables(tmp_path):
+    from simbench.store import MIGRATIONS
+
+    path = tmp_path / "run.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(f"BEGIN;\n{MIGRATIONS[0]()}\nPRAGMA user_version = 1;\nCOMMIT;")
+    db.execute("INSERT INTO runs VALUES ('r1', 'm', 'm.yaml', 'fp', '{}', '0', 0, NULL, 'finished')")
+    db.commit()
+    db.close()
+    store = RunStore(path)
+    try:
+        assert store.schema_version == SCHEMA_VERSION >= 2
+        assert store.run()["run_id"] == "r1"
+        assert store.imported_sessions() == {} and store.human_labels() == {}
+        store.add_imported([("r1/s/1", "t.jsonl", "conv-1", 3)], [("r1/s/1", "coherence", "good")])
+        store.set_setting("judge_samples", 3)
+        assert store.imported_sessions() == {"r1/s/1": {"source": "t.jsonl", "source_id": "conv-1", "line": 3}}
+        assert store.human_labels() == {"r1/s/1": {"coherence": "good"}}
+        assert store.setting("judge_samples") == 3 and store.setting("missing", "d") == "d"
+    finally:
+        store.close()
