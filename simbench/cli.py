@@ -224,6 +224,50 @@ def judge(transcripts: Optional[str], matrix: Optional[str], out: Optional[str],
         sys.exit(EXIT_GATE)
 
 
+@cli.command()
+@click.option("--matrix", "matrix", type=click.Path(dir_okay=False), default=None,
+              help="Take the models and the judges' settings from this matrix.")
+@click.option("--model", "model", default=None, metavar="NAME",
+              help="The model to test as the judge: a name under the matrix's models: (default: the matrix's "
+                   "judges.model, or the embedded model).")
+@click.option("--out", "out", type=click.Path(file_okay=False), help="Run directory (default: runs/selftest-<run id>).")
+@click.option("--cache", "cache", type=click.Path(dir_okay=False), default=None,
+              help=f"Response cache file shared by runs (default: {default_cache_path()}).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the response cache.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def selftest(matrix: Optional[str], model: Optional[str], out: Optional[str], cache: Optional[str], no_cache: bool,
+             quiet: bool) -> None:
+    """Check that a judge model can do the job, on five hand-written sessions.
+
+    In each, every turn looks fine but one session property fails (or, in one, nothing does). Prints
+    what each judge had to answer on its case's target dimension and what it answered. Exit codes:
+    0 every case caught, 1 a judge missed a case, 2 invalid input, 3 the run could not complete.
+    """
+    from .pipeline import RunError
+    from .selftest import EMBEDDED_WARNING, SelftestError, run_selftest
+
+    spec = _load_optional(matrix)
+    try:
+        result = run_selftest(spec, model, Path(out) if out else None, cache_path=_cache_path(cache, no_cache),
+                              progress=not quiet)
+    except SelftestError as exc:
+        _fail(str(exc), EXIT_INPUT)
+    except RunError as exc:
+        _fail(str(exc), exc.exit_code)
+    if result.embedded:
+        click.echo(f"note: {EMBEDDED_WARNING}")
+    click.echo(f"judge model: {result.judge_model}")
+    click.echo(f"{'case':<24} {'dimension':<16} {'expected':<16} {'actual':<16} result")
+    for c in result.checks:
+        click.echo(f"{c.case:<24} {c.dimension:<16} {c.expected:<16} {c.actual:<16} {'ok' if c.hit else 'MISSED'}")
+    hits = len(result.checks) - len(result.missed)
+    click.echo(f"{hits}/{len(result.checks)} checks passed. report: {result.outcome.report_path}")
+    if result.missed:
+        click.echo(f"selftest failed: the judge missed {len(result.missed)} check(s)"
+                   + (" (expected on the embedded model)" if result.embedded else ""), err=True)
+        sys.exit(EXIT_GATE)
+
+
 @cli.command("install-model")
 @click.option("--force", is_flag=True, help="Reinstall even if it is already there.")
 def install_model(force: bool) -> None:

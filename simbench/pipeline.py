@@ -256,20 +256,25 @@ def judge_transcripts(
     cache_path: Optional[Path] = None,
     gates: Optional[dict[str, float]] = None,
     progress: bool = True,
+    sessions: Optional[list[ImportedSession]] = None,
+    settings: Optional[dict[str, Any]] = None,
 ) -> RunOutcome:
     """Judge the conversations of a transcripts file (docs/transcripts.md) into a new run directory.
 
     ``matrix`` supplies the judges, their model and the gates (default: the built-in judges on the
     embedded model). The sessions go into the run's local trace store and are judged and reported
-    by the same code as a simulated run. Raises ``TranscriptError`` for an invalid file (before any
-    model call) and ``RunError`` as ``run_matrix`` does.
+    by the same code as a simulated run. ``sessions``: the file already parsed; ``settings``: run
+    settings the report reads (``RunStore.set_setting``), stored before judging. Raises
+    ``TranscriptError`` for an invalid file (before any model call) and ``RunError`` as ``run_matrix`` does.
     """
-    sessions = load_transcripts(path)
+    sessions = load_transcripts(path) if sessions is None else sessions
     spec = import_matrix(sessions, Path(path).stem, matrix)
     context = _imported_context(spec, sessions, str(path))
     store, run_id, run_dir = _open_run(spec, run_dir, False, samples_for(sessions))
     cache = ResponseCache(cache_path) if cache_path else None
     try:
+        for key, value in (settings or {}).items():
+            store.set_setting(key, value)
         import_sessions(store, run_id, sessions, str(path))
         with _embedded_server(spec, run_dir, spec.uses_local(), context) as local_url:
             endpoints = _endpoints(spec, local_url)

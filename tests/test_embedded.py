@@ -172,3 +172,17 @@ def test_longest_session_of_the_example_fits_every_judge() -> None:
         assert judgement.status == "ok", (judgement.judge, judgement.error)
         assert all(c.status == 200 for c in calls), [(c.status, c.error) for c in calls]
         assert max(c.prompt_tokens for c in calls) < slot
+
+
+def test_selftest_on_the_embedded_model_says_failure_is_expected(tmp_path: Path) -> None:
+    # Judges on the embedded model with the matrix's small max_tokens (the built-in cases are short).
+    matrix = tmp_path / "tiny.yaml"
+    matrix.write_text(TINY)
+    result = subprocess.run(SIMBENCH + ["selftest", "--matrix", str(matrix), "--out", str(tmp_path / "st"),
+                                        "--cache", str(tmp_path / "c.sqlite"), "-q"],
+                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode in (0, 1), result.stderr
+    assert "expected to fail this self-test" in result.stdout
+    assert "checks passed" in result.stdout
+    if result.returncode == 1:
+        assert "(expected on the embedded model)" in result.stderr

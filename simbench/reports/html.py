@@ -29,6 +29,7 @@ from ..evaluators.sessions import rebuild_sessions
 from ..store import RunStore
 from ..tracing.local import spans_dataframe
 from . import plots
+from .outcomes import Verdict, verdicts
 
 REPORT_FILE = "report.html"
 EMBEDDED_NOTICE = (
@@ -102,12 +103,15 @@ def session_views(store: RunStore, prefix: str = "s", baseline: Optional[str] = 
     judgements: dict[str, list] = {}
     for j in store.judgements():
         judgements.setdefault(j.session_id, []).append(j)
+    chosen: dict[str, dict[str, Verdict]] = {}
+    for (session_id, dim), v in sorted(verdicts(store).items()):
+        chosen.setdefault(session_id, {})[dim] = v
     usage = store.usage_by_session()
     views = []
     for n, s in enumerate(store.latest_sessions(), start=1):
         transcript = transcripts.get(s["session_id"])
         js = sorted(judgements.get(s["session_id"], []), key=lambda j: (j.judge, j.judge_sample))
-        by_dim = {j.judge: j for j in js if j.judge_sample == 0}
+        by_dim = chosen.get(s["session_id"], {})  # the verdict: the majority of the judgement samples
         outcomes = {dim: _outcome(j) for dim, j in by_dim.items()}
         failed = "fail" in outcomes.values()
         tokens = [f"{dim}:@{o}" for dim, o in outcomes.items()]

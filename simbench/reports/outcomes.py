@@ -3,15 +3,21 @@
 An outcome is ``pass`` or ``fail`` (a judge's verdict), ``error`` or ``skipped`` (the judge gave no
 verdict), ``errored`` (the session itself failed, so nothing was judged), ``not_run`` or ``missing``
 (no judgement stored). Only ``pass`` and ``fail`` enter a rate or a comparison; everything else is
-counted apart. Each sample counts once, by its latest attempt; the first judgement sample is used.
+counted apart. Each sample counts once, by its latest attempt.
+
+A session asked ``--judge-samples N`` times per judge has one *verdict* per dimension: the majority
+label of its samples that gave one (a tie goes to the lower-scored label, the conservative reading);
+it is *unstable* when those samples disagree. Only when no sample gave a label is the verdict the
+first sample's ``error`` or ``skipped``.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from ..records import Sample
+from ..records import Judgement, Sample
 from ..store import RunStore
 from .stats import PairedComparison, apply_holm, compare_paired
 
@@ -41,13 +47,48 @@ class SampleOutcome:
         return True if o == "pass" else False if o == "fail" else None
 
 
+@dataclass
+class Verdict(Judgement):
+    """A session's verdict on one dimension: its judgement samples' majority (the fields of the sample
+    it comes from), with the votes of every sample that gave a label."""
+
+    votes: dict[str, int] = field(default_factory=dict)
+    samples: int = 1  # judgements asked: ok, error or skipped
+
+    @property
+    def unstable(self) -> bool:
+        """The samples gave different labels."""
+        return len(self.votes) > 1
+
+
+def verdict_of(judgements: list[Judgement]) -> Verdict:
+    """The verdict of one session and judge from its samples (see the module's docstring)."""
+    ordered = sorted(judgements, key=lambda j: j.judge_sample)
+    ok = [j for j in ordered if j.status == "ok" and j.label is not None]
+    votes = Counter(j.label for j in ok)
+    if ok:
+        score = {j.label: (j.score if j.score is not None else 0.0) for j in ok}
+        label = min(votes, key=lambda l: (-votes[l], score[l]))
+        chosen = next(j for j in ok if j.label == label)
+    else:
+        chosen = ordered[0]
+    return Verdict(**{k: getattr(chosen, k) for k in Judgement.__dataclass_fields__},
+                   votes=dict(votes), samples=len(ordered))
+
+
+def verdicts(store: RunStore) -> dict[tuple[str, str], Verdict]:
+    """Every (session id, judge) of the run with its verdict."""
+    grouped: dict[tuple[str, str], list[Judgement]] = {}
+    for j in store.judgements():
+        grouped.setdefault((j.session_id, j.judge), []).append(j)
+    return {key: verdict_of(js) for key, js in grouped.items()}
+
+
 def load_outcomes(store: RunStore) -> list[SampleOutcome]:
     """Every planned sample of the run, in plan order, with its latest attempt's outcomes."""
     latest = {s["sample_id"]: s for s in store.latest_sessions()}
     by_session: dict[str, dict[str, Outcome]] = {}
-    for j in store.judgements():
-        if j.judge_sample != 0:
-            continue
+    for j in verdicts(store).values():
         if j.status == "ok":
             result: Outcome = "pass" if j.passed else "fail"
         else:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .. import __version__
+from ..evaluators.builtin import BUILTIN
 from ..store import RunStore
+from .calibration import MAP_SETTING, MIN_KAPPA_SETTING, calibration
 from .outcomes import SampleOutcome, by_pair_key, compare_matchups, load_outcomes
 from .stats import ALPHA, CONFIDENCE, pass_hat, rate_fields
 
@@ -102,7 +104,7 @@ def build_summary(store: RunStore) -> dict[str, Any]:
     planned = len(outcomes)
     completed = sum(1 for s in sessions if s["status"] == "completed")
     errored = sum(1 for s in sessions if s["status"] == "errored")
-    return {
+    summary = {
         "summary_version": SUMMARY_VERSION,
         "simbench_version": __version__,
         "run_id": run.get("run_id"),
@@ -129,6 +131,15 @@ def build_summary(store: RunStore) -> dict[str, Any]:
         "usage": usage_totals(store, {name: m["price"] for name, m in (matrix.get("models") or {}).items()
                                       if m.get("price")}),
     }
+    label_map = store.setting(MAP_SETTING)
+    if label_map is not None:  # a run of `simbench calibrate`
+        summary["calibration"] = calibration(store, judge_choices(judges), label_map, store.setting(MIN_KAPPA_SETTING))
+    return summary
+
+
+def judge_choices(judges: list[str]) -> dict[str, list[str]]:
+    """The labels of each judge in use, in the judge's order."""
+    return {name: list(BUILTIN[name].choices) for name in judges if name in BUILTIN}
 
 
 def usage_totals(store: RunStore, prices: Optional[dict[str, dict[str, float]]] = None) -> dict[str, dict[str, Any]]:
