@@ -268,6 +268,58 @@ def selftest(matrix: Optional[str], model: Optional[str], out: Optional[str], ca
         sys.exit(EXIT_GATE)
 
 
+@cli.command()
+@click.argument("transcripts", type=click.Path(dir_okay=False))
+@click.option("--map", "label_map", type=click.Path(dir_okay=False), default=None,
+              help="YAML: for each dimension, human label -> judge label (docs/calibrate.md). Without it, the "
+                   "human labels must be the judges' labels.")
+@click.option("--matrix", "matrix", type=click.Path(dir_okay=False), default=None,
+              help="Take the judges and their model from this matrix (default: the built-in judges on the embedded model).")
+@click.option("--min-kappa", "min_kappa", type=click.FloatRange(-1, 1), default=None, metavar="K",
+              help="Exit 1 when a dimension's Cohen's kappa is under K (or undefined).")
+@click.option("--out", "out", type=click.Path(file_okay=False), help="Run directory (default: runs/<name>-<run id>).")
+@click.option("--cache", "cache", type=click.Path(dir_okay=False), default=None,
+              help=f"Response cache file shared by runs (default: {default_cache_path()}).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the response cache.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def calibrate(transcripts: str, label_map: Optional[str], matrix: Optional[str], min_kappa: Optional[float],
+              out: Optional[str], cache: Optional[str], no_cache: bool, quiet: bool) -> None:
+    """Measure each judge against human labels: accuracy, Cohen's kappa with a 95% interval,
+    the confusion matrix and the sessions where judge and human disagree.
+
+    TRANSCRIPTS is a JSONL file with "labels" (docs/transcripts.md). Results go to the run's
+    report.html and summary.json ("calibration"). Exit codes: 0 done, 1 a kappa under --min-kappa,
+    2 invalid input, 3 the run could not complete.
+    """
+    from .calibrate import run_calibration
+    from .evaluators.transcripts import TranscriptError
+    from .pipeline import RunError
+    from .reports.calibration import LabelMapError
+
+    spec = _load_optional(matrix)
+    try:
+        result = run_calibration(Path(transcripts), Path(label_map) if label_map else None, spec, min_kappa=min_kappa,
+                                 run_dir=Path(out) if out else None, cache_path=_cache_path(cache, no_cache),
+                                 progress=not quiet)
+    except (TranscriptError, LabelMapError) as exc:
+        _input_problems(exc)
+    except RunError as exc:
+        _fail(str(exc), exc.exit_code)
+    for dim, d in result.section["dimensions"].items():
+        kappa = "undefined" if d["kappa"] is None else f"{d['kappa']:.2f}"
+        ci = f" [{d['kappa_ci'][0]:.2f}, {d['kappa_ci'][1]:.2f}]" if d["kappa_ci"] else ""
+        acc = "–" if d["accuracy"] is None else f"{100 * d['accuracy']:.0f}%"
+        skipped = sum(d["not_compared"].values())
+        click.echo(f"  {dim:<16} accuracy {acc:>4} ({d['agreed']}/{d['compared']})  kappa {kappa}{ci}  "
+                   f"{len(d['disagreements'])} disagreement(s)" + (f", {skipped} without a verdict" if skipped else ""))
+    click.echo(f"report:  {result.outcome.report_path}")
+    click.echo(f"summary: {result.outcome.summary_path}")
+    for failure in result.failures:
+        click.echo(f"calibration failed: {failure}", err=True)
+    if result.failures:
+        sys.exit(EXIT_GATE)
+
+
 @cli.command("install-model")
 @click.option("--force", is_flag=True, help="Reinstall even if it is already there.")
 def install_model(force: bool) -> None:

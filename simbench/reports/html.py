@@ -286,6 +286,7 @@ def render_report(store: RunStore, summary: dict[str, Any], embedded: bool, lazy
         max_passed_links=MAX_PASSED_LINKS,
         max_listed=MAX_LISTED_LAZY if lazy else MAX_LISTED,
         embedded_notice=EMBEDDED_NOTICE if embedded else None,
+        anchors={v["session_id"]: v["anchor"] for v in views},
         **assets(),
     )
 
