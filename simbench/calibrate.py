@@ -27,7 +27,8 @@ class CalibrationOutcome:
 
 def run_calibration(path: Path, map_path: Optional[Path] = None, matrix: Optional[Matrix] = None, *,
                     min_kappa: Optional[float] = None, run_dir: Optional[Path] = None,
-                    cache_path: Optional[Path] = None, progress: bool = True) -> CalibrationOutcome:
+                    cache_path: Optional[Path] = None, progress: bool = True, judge_samples: Optional[int] = None,
+                    judge_temperature: Optional[float] = None) -> CalibrationOutcome:
     """Judge a labelled transcripts file and compare the judges with the human labels.
 
     Raises ``TranscriptError`` or ``LabelMapError`` (input errors, before any model call) and
@@ -45,6 +46,7 @@ def run_calibration(path: Path, map_path: Optional[Path] = None, matrix: Optiona
     judges = judges.model_copy(update={"use": [d for d in judges.use if d in labelled]})
     base = import_matrix(sessions, Path(path).stem, matrix).model_copy(update={"judges": judges, "gates": {}})
     outcome = judge_transcripts(path, base, run_dir, cache_path=cache_path, progress=progress, sessions=sessions,
-                                settings={MAP_SETTING: mapping, MIN_KAPPA_SETTING: min_kappa})
+                                settings={MAP_SETTING: mapping, MIN_KAPPA_SETTING: min_kappa},
+                                judge_samples=judge_samples, judge_temperature=judge_temperature)
     section = outcome.summary["calibration"]
     return CalibrationOutcome(outcome, section, kappa_failures(section))

@@ -63,6 +63,19 @@ def _print_outcome(outcome) -> None:
         click.echo(f"gate failed: {failure}", err=True)
 
 
+def judge_sample_options(command):
+    """--judge-samples and --judge-temperature, shared by every command that judges."""
+    command = click.option(
+        "--judge-temperature", "judge_temperature", type=click.FloatRange(0, 2), default=None, metavar="T",
+        help="Judge temperature with --judge-samples > 1 (default 0.7, or the matrix's judges.temperature if above 0).",
+    )(command)
+    return click.option(
+        "--judge-samples", "judge_samples", type=click.IntRange(1, 50), default=None, metavar="N",
+        help="Ask each judge N times per session (an odd N avoids ties); the report shows how often the samples "
+             "agree, uses the majority label and marks unstable judgements.",
+    )(command)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="simbench")
 def cli() -> None:
@@ -85,8 +98,9 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--junit", "junit", type=click.Path(dir_okay=False), default=None,
               help="Also write JUnit XML: one test case per variant x dimension, failing when its gate fails.")
+@judge_sample_options
 def run(matrix: str, out: Optional[str], resume: bool, gates: tuple[str, ...], cache: Optional[str], no_cache: bool, quiet: bool,
-        junit: Optional[str]) -> None:
+        junit: Optional[str], judge_samples: Optional[int], judge_temperature: Optional[float]) -> None:
     """Simulate, judge and report every session of MATRIX.
 
     Writes RUN_DIR/run.sqlite (everything), RUN_DIR/report.html and RUN_DIR/summary.json.
@@ -100,7 +114,8 @@ def run(matrix: str, out: Optional[str], resume: bool, gates: tuple[str, ...], c
     cache_path = None if no_cache else Path(cache) if cache else default_cache_path()
     try:
         outcome = run_matrix(spec, Path(out) if out else None, resume=resume, cache_path=cache_path,
-                             gates=gate_map, progress=not quiet)
+                             gates=gate_map, progress=not quiet, judge_samples=judge_samples,
+                             judge_temperature=judge_temperature)
     except RunError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
@@ -198,8 +213,10 @@ def _input_problems(exc) -> None:
               help=f"Response cache file shared by runs (default: {default_cache_path()}).")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the response cache.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@judge_sample_options
 def judge(transcripts: Optional[str], matrix: Optional[str], out: Optional[str], gates: tuple[str, ...],
-          cache: Optional[str], no_cache: bool, quiet: bool) -> None:
+          cache: Optional[str], no_cache: bool, quiet: bool, judge_samples: Optional[int],
+          judge_temperature: Optional[float]) -> None:
     """Judge existing conversations with the same judges and report as a simulated run.
 
     Writes RUN_DIR/run.sqlite, report.html and summary.json. Exit codes: 0 done, 1 a gate failed,
@@ -214,7 +231,8 @@ def judge(transcripts: Optional[str], matrix: Optional[str], out: Optional[str],
     gate_map = _parse_gates(gates)
     try:
         outcome = judge_transcripts(Path(transcripts), spec, Path(out) if out else None,
-                                    cache_path=_cache_path(cache, no_cache), gates=gate_map, progress=not quiet)
+                                    cache_path=_cache_path(cache, no_cache), gates=gate_map, progress=not quiet,
+                                    judge_samples=judge_samples, judge_temperature=judge_temperature)
     except TranscriptError as exc:
         _input_problems(exc)
     except RunError as exc:
@@ -282,8 +300,10 @@ def selftest(matrix: Optional[str], model: Optional[str], out: Optional[str], ca
               help=f"Response cache file shared by runs (default: {default_cache_path()}).")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the response cache.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@judge_sample_options
 def calibrate(transcripts: str, label_map: Optional[str], matrix: Optional[str], min_kappa: Optional[float],
-              out: Optional[str], cache: Optional[str], no_cache: bool, quiet: bool) -> None:
+              out: Optional[str], cache: Optional[str], no_cache: bool, quiet: bool, judge_samples: Optional[int],
+              judge_temperature: Optional[float]) -> None:
     """Measure each judge against human labels: accuracy, Cohen's kappa with a 95% interval,
     the confusion matrix and the sessions where judge and human disagree.
 
@@ -300,7 +320,7 @@ def calibrate(transcripts: str, label_map: Optional[str], matrix: Optional[str],
     try:
         result = run_calibration(Path(transcripts), Path(label_map) if label_map else None, spec, min_kappa=min_kappa,
                                  run_dir=Path(out) if out else None, cache_path=_cache_path(cache, no_cache),
-                                 progress=not quiet)
+                                 progress=not quiet, judge_samples=judge_samples, judge_temperature=judge_temperature)
     except (TranscriptError, LabelMapError) as exc:
         _input_problems(exc)
     except RunError as exc:

@@ -30,7 +30,7 @@ from .models.limits import RunCounters
 from .records import CallRecord, Judgement, Sample, Transcript
 from .reports.gates import check_gates, gate_failures  # noqa: F401  (gate_failures: the public name)
 from .reports.html import write_report
-from .reports.summary import build_summary, write_summary
+from .reports.summary import JUDGE_SAMPLES_SETTING, JUDGE_TEMPERATURE_SETTING, build_summary, write_summary
 from .simulator.agents import Agent
 from .simulator.runner import pending_samples, simulate
 from .store import RUN_FILE, RunStore
@@ -77,12 +77,20 @@ def run_matrix(
     gates: Optional[dict[str, float]] = None,
     progress: bool = True,
     judge: bool = True,
+    judge_samples: Optional[int] = None,
+    judge_temperature: Optional[float] = None,
 ) -> RunOutcome:
     """Simulate, judge and report a matrix. ``cache_path`` None turns the response cache off;
-    ``judge=False`` stops after simulation (sessions stay unjudged until a resumed run judges them)."""
+    ``judge=False`` stops after simulation (sessions stay unjudged until a resumed run judges them).
+    ``judge_samples``/``judge_temperature``: see ``judge_settings`` (a resumed run keeps its own)."""
     store, run_id, run_dir = _open_run(matrix, run_dir, resume)
     cache = ResponseCache(cache_path) if cache_path else None
     try:
+        if not resume:
+            _store_settings(store, judge_settings(matrix, judge_samples, judge_temperature))
+        elif judge_samples is not None and judge_samples != store.setting(JUDGE_SAMPLES_SETTING, 1):
+            raise RunError(f"{run_dir}: this run asks each judge {store.setting(JUDGE_SAMPLES_SETTING, 1)} time(s); "
+                           f"resume it without --judge-samples, or start a new run", 2)
         uses_local = matrix.uses_local()
         with _embedded_server(matrix, run_dir, uses_local) as local_url:
             endpoints = _endpoints(matrix, local_url)
@@ -179,16 +187,43 @@ async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress,
         await _judge_run(matrix, run_id, store, endpoints["judge"], cache, limiters[endpoints["judge"].name], progress, counters)
 
 
+# --judge-samples N > 1 without --judge-temperature: at temperature 0 the samples would agree trivially.
+DEFAULT_SAMPLE_TEMPERATURE = 0.7
+
+
+def judge_settings(matrix: Matrix, samples: Optional[int], temperature: Optional[float]) -> dict[str, Any]:
+    """How many times each judge reads each session, and at which temperature.
+
+    One sample: the matrix's ``judges.temperature``. Several: ``temperature``, by default
+    ``DEFAULT_SAMPLE_TEMPERATURE`` (a matrix temperature above 0 is kept).
+    """
+    samples = samples or 1
+    if temperature is None:
+        temperature = matrix.judges.temperature
+        if samples > 1 and temperature == 0:
+            temperature = DEFAULT_SAMPLE_TEMPERATURE
+    return {JUDGE_SAMPLES_SETTING: samples, JUDGE_TEMPERATURE_SETTING: temperature}
+
+
+def _store_settings(store: RunStore, settings: dict[str, Any]) -> None:
+    for key, value in settings.items():
+        store.set_setting(key, value)
+
+
 async def _judge_run(matrix, run_id, store, endpoint, cache, limiter, progress, counters) -> None:
     """Judge every completed session that has no verdict yet, reading transcripts from the trace store."""
     latest = {s["session_id"]: s for s in store.latest_sessions() if s["status"] == "completed"}
-    done = {(j.session_id, j.judge) for j in store.judgements()}
+    samples = store.setting(JUDGE_SAMPLES_SETTING, 1)
+    temperature = store.setting(JUDGE_TEMPERATURE_SETTING, matrix.judges.temperature)
+    done = {(j.session_id, j.judge, j.judge_sample) for j in store.judgements()}
     transcripts = [t for t in rebuild_sessions(spans_dataframe(store, f"{run_id}/")) if t.session_id in latest]
     definitions = [BUILTIN[name] for name in matrix.judges.use]
-    # A resumed run may have some judges done for a session: ask only for the missing ones.
+    # A resumed run may have some judges done for a session: ask only for the missing ones (all
+    # samples of a judge again when one is missing: the cache answers the ones already stored).
     groups: dict[tuple[str, ...], list[JudgeInput]] = {}
     for t in transcripts:
-        missing = tuple(d.name for d in definitions if (t.session_id, d.name) not in done)
+        missing = tuple(d.name for d in definitions
+                        if any((t.session_id, d.name, i) not in done for i in range(samples)))
         if missing:
             groups.setdefault(missing, []).append(_judge_input(matrix, latest[t.session_id], t))
 
@@ -201,13 +236,13 @@ async def _judge_run(matrix, run_id, store, endpoint, cache, limiter, progress, 
         bar.set_postfix_str(f"error={by_status['error']} skipped={by_status['skipped']} "
                             f"retries={counters.retries} 429s={counters.rate_limited}", refresh=False)
 
-    total = sum(len(inputs) * len(names) for names, inputs in groups.items())
+    total = sum(len(inputs) * len(names) * samples for names, inputs in groups.items())
     with tqdm(total=total, desc="judgements", unit="judgement", disable=not progress or not total,
               file=sys.stderr, dynamic_ncols=True) as bar:
         for names, inputs in groups.items():
             await judge_sessions(inputs, [BUILTIN[n] for n in names], endpoint, cache, limiter, save,
                                  concurrency=matrix.concurrency, max_tokens=matrix.judges.max_tokens,
-                                 temperature=matrix.judges.temperature, progress=bar)
+                                 temperature=temperature, judge_samples=samples, progress=bar)
 
 
 def _judge_input(matrix: Matrix, session: dict, transcript: Transcript) -> JudgeInput:
@@ -258,6 +293,8 @@ def judge_transcripts(
     progress: bool = True,
     sessions: Optional[list[ImportedSession]] = None,
     settings: Optional[dict[str, Any]] = None,
+    judge_samples: Optional[int] = None,
+    judge_temperature: Optional[float] = None,
 ) -> RunOutcome:
     """Judge the conversations of a transcripts file (docs/transcripts.md) into a new run directory.
 
@@ -273,8 +310,7 @@ def judge_transcripts(
     store, run_id, run_dir = _open_run(spec, run_dir, False, samples_for(sessions))
     cache = ResponseCache(cache_path) if cache_path else None
     try:
-        for key, value in (settings or {}).items():
-            store.set_setting(key, value)
+        _store_settings(store, {**judge_settings(spec, judge_samples, judge_temperature), **(settings or {})})
         import_sessions(store, run_id, sessions, str(path))
         with _embedded_server(spec, run_dir, spec.uses_local(), context) as local_url:
             endpoints = _endpoints(spec, local_url)

@@ -116,6 +116,7 @@ def session_views(store: RunStore, prefix: str = "s", baseline: Optional[str] = 
         failed = "fail" in outcomes.values()
         tokens = [f"{dim}:@{o}" for dim, o in outcomes.items()]
         tokens += [f"{dim}:{j.label}" for dim, j in by_dim.items() if j.status == "ok" and j.label]
+        tokens += [f"{dim}:@unstable" for dim, j in by_dim.items() if j.unstable]
         if s["status"] != "completed":
             tokens.append(f"_:@{s['status']}")
         views.append({
@@ -229,7 +230,8 @@ def session_data(views: list[dict[str, Any]], pairs: list[dict[str, Any]], dimen
             "st": v["status"], "f": 1 if v["failed"] else 0, "n": v["turns"] or 0,
             "id": v["session_id"], "sp": v["span_id"] or "", "stop": v["stop_reason"] or "", "err": v["error"] or "",
             "l": v["labels"],
-            "o": [[dim, v["outcomes"][dim], j.label if j.status == "ok" else j.status] for dim, j in v["by_dim"].items()],
+            "o": [[dim, v["outcomes"][dim], (j.label if j.status == "ok" else j.status) + (" (unstable)" if j.unstable else "")]
+                  for dim, j in v["by_dim"].items()],
             "u": [_usage_row(role, u) for role, u in v["usage"].items()],
             "m": [[m.role, m.content] for m in v["messages"]],
             "j": [[j.judge, j.judge_sample, ("pass" if j.passed else "fail") if j.status == "ok" else j.status,

@@ -16,7 +16,12 @@ from .. import __version__
 from ..evaluators.builtin import BUILTIN
 from ..store import RunStore
 from .calibration import MAP_SETTING, MIN_KAPPA_SETTING, calibration
-from .outcomes import SampleOutcome, by_pair_key, compare_matchups, load_outcomes
+
+# Run settings written by the pipeline (kept here, so the reports need not import the pipeline).
+JUDGE_SAMPLES_SETTING = "judge_samples"
+JUDGE_TEMPERATURE_SETTING = "judge_temperature"
+from .agreement import fleiss_kappa
+from .outcomes import SampleOutcome, by_pair_key, compare_matchups, load_outcomes, verdicts
 from .stats import ALPHA, CONFIDENCE, pass_hat, rate_fields
 
 # 2: rates with Wilson intervals, ``variants``, ``statistics``, ``comparisons``, ``consistency``.
@@ -131,10 +136,45 @@ def build_summary(store: RunStore) -> dict[str, Any]:
         "usage": usage_totals(store, {name: m["price"] for name, m in (matrix.get("models") or {}).items()
                                       if m.get("price")}),
     }
+    samples = store.setting(JUDGE_SAMPLES_SETTING, 1)
+    if samples > 1:  # --judge-samples N
+        summary["judge_consistency"] = {
+            "samples": samples, "temperature": store.setting(JUDGE_TEMPERATURE_SETTING),
+            "dimensions": judge_consistency(store, judge_choices(judges), samples),
+        }
     label_map = store.setting(MAP_SETTING)
     if label_map is not None:  # a run of `simbench calibrate`
         summary["calibration"] = calibration(store, judge_choices(judges), label_map, store.setting(MIN_KAPPA_SETTING))
     return summary
+
+
+def judge_consistency(store: RunStore, choices: dict[str, list[str]], samples: int) -> dict[str, dict[str, Any]]:
+    """How often the N samples of each judge agree on a session (latest completed attempts only).
+
+    ``rated``: sessions all N samples gave a label to; ``unanimous``/``unanimous_share``: of those,
+    the ones whose samples all agree; ``fleiss_kappa`` over them; ``unstable``: sessions whose
+    samples that gave a label disagree (whatever their number); ``incomplete``: sessions where a
+    sample gave no label (error or skipped).
+    """
+    latest = {s["session_id"] for s in store.latest_sessions() if s["status"] == "completed"}
+    by_dim: dict[str, list] = defaultdict(list)
+    for (session_id, dim), v in verdicts(store).items():
+        if session_id in latest:
+            by_dim[dim].append(v)
+    out = {}
+    for dim, labels in choices.items():
+        vs = by_dim.get(dim, [])
+        rated = [v for v in vs if sum(v.votes.values()) == samples]
+        unanimous = sum(1 for v in rated if len(v.votes) == 1)
+        out[dim] = {
+            "rated": len(rated),
+            "unanimous": unanimous,
+            "unanimous_share": unanimous / len(rated) if rated else None,
+            "fleiss_kappa": fleiss_kappa([[v.votes.get(l, 0) for l in labels] for v in rated]),
+            "unstable": sum(1 for v in vs if v.unstable),
+            "incomplete": sum(1 for v in vs if sum(v.votes.values()) < samples),
+        }
+    return out
 
 
 def judge_choices(judges: list[str]) -> dict[str, list[str]]:
