@@ -11,7 +11,8 @@ from conftest import base_matrix, invoke
 from fake_openai import judge_name
 from simbench.reports.agreement import accuracy, cohen_kappa, confusion_matrix, fleiss_kappa
 
-statsmodels = pytest.importorskip("statsmodels.stats.inter_rater")
+# statsmodels is a test extra (pyproject.toml): the reference values, never simbench's own code path.
+from statsmodels.stats import inter_rater as statsmodels  # noqa: E402
 
 
 # -- the statistics ------------------------------------------------------------------------------

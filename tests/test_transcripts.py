@@ -162,6 +162,7 @@ def test_judge_transcripts_end_to_end(make_fake, write_matrix, tmp_path, open_ru
     assert summary["dimensions"]["correctness"]["overall"]["skipped"] == 1
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "[bad] Let&#39;s find a common denominator first." in html
+    assert "imported <code>bad</code> (line 2)" in html
 
     # The same file again, into a new run: every judgement comes from the cache.
     calls = fake.roles["judge"]
@@ -182,3 +183,25 @@ def test_gate_on_imported_sessions_exits_1(make_fake, write_matrix, tmp_path):
                     "--out", tmp_path / "run", "-q", "--gate", "coherence=0.5")
     assert result.exit_code == 1, result.output
     assert "gate failed" in result.output
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_imported_text_is_escaped_in_the_report(fake, write_matrix, tmp_path, lazy):
+    from simbench.reports.html import render_report
+    from simbench.reports.summary import build_summary
+    from simbench.store import RunStore
+
+    evil = "</script><script>alert(1)</script>"
+    path = write_jsonl(tmp_path / "t.jsonl", [session_line(f"id{evil}", messages=[
+        {"role": "user", "content": f"hi {evil}"}, {"role": "assistant", "content": f"hello {evil}"}],
+        metadata={"topic": f"t{evil}", "persona": f"p{evil}"})])
+    out = tmp_path / "run"
+    result = invoke("judge", "--transcripts", path, "--matrix", judge_matrix(fake, write_matrix), "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    store = RunStore.open_run_dir(out)
+    try:
+        html = render_report(store, build_summary(store), embedded=False, lazy=lazy)
+    finally:
+        store.close()
+    assert "<script>alert(1)" not in html
+    assert html.count("<script") == 1 + lazy  # the report's own script (and the lazy JSON block)

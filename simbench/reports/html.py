@@ -107,6 +107,7 @@ def session_views(store: RunStore, prefix: str = "s", baseline: Optional[str] = 
     for (session_id, dim), v in sorted(verdicts(store).items()):
         chosen.setdefault(session_id, {})[dim] = v
     usage = store.usage_by_session()
+    imported = store.imported_sessions()
     views = []
     for n, s in enumerate(store.latest_sessions(), start=1):
         transcript = transcripts.get(s["session_id"])
@@ -129,6 +130,7 @@ def session_views(store: RunStore, prefix: str = "s", baseline: Optional[str] = 
             "outcomes": outcomes,
             "labels": " ".join(t.replace(" ", "_") for t in tokens),
             "usage": usage.get(s["session_id"], {}),
+            "imported": imported.get(s["session_id"]),  # {source, source_id, line} of an imported session
             "failed": failed,
             "rank": 0 if s["status"] == "errored" else (1 if failed else 2),
         })
@@ -228,7 +230,9 @@ def session_data(views: list[dict[str, Any]], pairs: list[dict[str, Any]], dimen
             "a": v["anchor"], "v": ref("variant", v["variant"]), "t": ref("topic", v["topic"]),
             "p": ref("persona", v["persona"]), "r": v["repeat"], "b": 1 if v["baseline"] else 0,
             "st": v["status"], "f": 1 if v["failed"] else 0, "n": v["turns"] or 0,
-            "id": v["session_id"], "sp": v["span_id"] or "", "stop": v["stop_reason"] or "", "err": v["error"] or "",
+            "id": v["session_id"] + (f" (imported: {v['imported']['source_id']}, line {v['imported']['line']})"
+                                     if v["imported"] else ""),
+            "sp": v["span_id"] or "", "stop": v["stop_reason"] or "", "err": v["error"] or "",
             "l": v["labels"],
             "o": [[dim, v["outcomes"][dim], (j.label if j.status == "ok" else j.status) + (" (unstable)" if j.unstable else "")]
                   for dim, j in v["by_dim"].items()],
