@@ -192,6 +192,13 @@ def _load_optional(matrix: Optional[str]):
     return _load(matrix) if matrix else None
 
 
+def _interrupted() -> None:
+    """Ctrl-C while judging a file: the judgements made so far are in the run file; run the command again."""
+    click.echo("\ninterrupted; the judgements made so far are saved in the run directory, and the response "
+               "cache makes running the command again cheap.", err=True)
+    sys.exit(130)
+
+
 def _input_problems(exc) -> None:
     """Print every problem of an invalid input file and exit 2 (nothing was sent to a model)."""
     for problem in exc.problems:
@@ -237,6 +244,8 @@ def judge(transcripts: Optional[str], matrix: Optional[str], out: Optional[str],
         _input_problems(exc)
     except RunError as exc:
         _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _interrupted()
     _print_outcome(outcome)
     if outcome.gate_failures:
         sys.exit(EXIT_GATE)
@@ -272,6 +281,8 @@ def selftest(matrix: Optional[str], model: Optional[str], out: Optional[str], ca
         _fail(str(exc), EXIT_INPUT)
     except RunError as exc:
         _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _interrupted()
     if result.embedded:
         click.echo(f"note: {EMBEDDED_WARNING}")
     click.echo(f"judge model: {result.judge_model}")
@@ -325,6 +336,8 @@ def calibrate(transcripts: str, label_map: Optional[str], matrix: Optional[str],
         _input_problems(exc)
     except RunError as exc:
         _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _interrupted()
     for dim, d in result.section["dimensions"].items():
         kappa = "undefined" if d["kappa"] is None else f"{d['kappa']:.2f}"
         ci = f" [{d['kappa_ci'][0]:.2f}, {d['kappa_ci'][1]:.2f}]" if d["kappa_ci"] else ""

@@ -9,7 +9,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import jinja2
 import yaml
@@ -19,6 +19,9 @@ from .evaluators.builtin import BUILTIN as _BUILTIN_JUDGES
 from .personas import builtin_personas
 from .records import Sample
 from .scenarios import builtin_topics
+
+if TYPE_CHECKING:
+    from .evaluators.transcripts import ImportedSession
 
 IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]*$")
 BUILTIN_JUDGES = tuple(_BUILTIN_JUDGES)
@@ -273,7 +276,7 @@ def judge_prompt_tokens(matrix: Matrix, transcript: str, topic: str, reference: 
 # -- the matrix of imported sessions ------------------------------------------------------------
 
 
-def import_matrix(sessions: list, name: str, base: Optional[Matrix] = None) -> Matrix:
+def import_matrix(sessions: list["ImportedSession"], name: str, base: Optional[Matrix] = None) -> Matrix:
     """The matrix stored with a run of imported sessions (``evaluators.transcripts.ImportedSession``).
 
     Judges, models, concurrency and gates come from ``base`` (default: the built-in judges on the

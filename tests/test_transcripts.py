@@ -205,3 +205,14 @@ def test_imported_text_is_escaped_in_the_report(fake, write_matrix, tmp_path, la
         store.close()
     assert "<script>alert(1)" not in html
     assert html.count("<script") == 1 + lazy  # the report's own script (and the lazy JSON block)
+
+
+def test_a_conversation_too_long_for_the_embedded_judge_is_an_input_error(tmp_path):
+    long = session_line("long", messages=[{"role": "user", "content": "why? " * 2000},
+                                          {"role": "assistant", "content": "because " * 6000}])
+    path = write_jsonl(tmp_path / "t.jsonl", [session_line("short"), long])
+    # No --matrix: the built-in judges on the embedded model, which holds 8,192 tokens.
+    result = invoke("judge", "--transcripts", path, "--out", tmp_path / "run", "-q")
+    assert result.exit_code == 2, result.output
+    assert f"{path}:2: the conversation needs about" in result.output
+    assert not (tmp_path / "run").exists()
