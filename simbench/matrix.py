@@ -276,12 +276,14 @@ def judge_prompt_tokens(matrix: Matrix, transcript: str, topic: str, reference: 
 # -- the matrix of imported sessions ------------------------------------------------------------
 
 
-def import_matrix(sessions: list["ImportedSession"], name: str, base: Optional[Matrix] = None) -> Matrix:
+def import_matrix(sessions: list["ImportedSession"], name: str, base: Optional[Matrix] = None,
+                  source: str = "<transcripts>") -> Matrix:
     """The matrix stored with a run of imported sessions (``evaluators.transcripts.ImportedSession``).
 
     Judges, models, concurrency and gates come from ``base`` (default: the built-in judges on the
     embedded model); variants, topics and personas are the names the sessions carry, so the summary
     and the report break results down by them. Nothing is simulated: every role names the judge's model.
+    ``source`` (the transcripts file) is what the run records as its matrix source.
     """
     judges = base.judges if base else JudgesSpec()
     topics: dict[str, Topic] = {}
@@ -303,7 +305,7 @@ def import_matrix(sessions: list["ImportedSession"], name: str, base: Optional[M
         max_turns=max((sum(1 for m in s.messages if m.role == "tutor") for s in sessions), default=1),
         concurrency=base.concurrency if base else 8,
         gates=dict(base.gates) if base else {},
-        source=base.source if base else "<transcripts>",
+        source=source,  # the transcripts file: what the run judged
     )
 
 

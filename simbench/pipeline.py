@@ -305,7 +305,7 @@ def judge_transcripts(
     ``TranscriptError`` for an invalid file (before any model call) and ``RunError`` as ``run_matrix`` does.
     """
     sessions = load_transcripts(path) if sessions is None else sessions
-    spec = import_matrix(sessions, Path(path).stem, matrix)
+    spec = import_matrix(sessions, Path(path).stem, matrix, source=str(path))
     context = _imported_context(spec, sessions, str(path))
     store, run_id, run_dir = _open_run(spec, run_dir, False, samples_for(sessions))
     cache = ResponseCache(cache_path) if cache_path else None

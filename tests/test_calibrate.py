@@ -35,6 +35,9 @@ def test_cohen_kappa_by_hand():
     assert k.n == 50
     assert k.ci[0] < 0.4 < k.ci[1]
     assert cohen_kappa([[10, 0], [0, 10]]).kappa == pytest.approx(1.0)
+    # No spread in the large-sample formula: no interval rather than a width-0 one.
+    assert cohen_kappa([[10, 0], [0, 10]]).ci is None
+    assert cohen_kappa([[1, 0], [1, 0]]).kappa == pytest.approx(0.0) and cohen_kappa([[1, 0], [1, 0]]).ci is None
     # Chance agreement 1 (one label throughout): undefined, not a number that looks like one.
     assert cohen_kappa([[7, 0], [0, 0]]).kappa is None
     assert cohen_kappa([[0, 0], [0, 0]]).kappa is None
@@ -145,6 +148,7 @@ def test_calibrate_end_to_end(make_fake, write_matrix, tmp_path, open_run):
     frustration = cal["dimensions"]["frustration"]
     assert (frustration["compared"], frustration["accuracy"], frustration["kappa"]) == (4, 1.0, 1.0)
     assert frustration["disagreements"] == []
+    assert frustration["kappa_ci"] is None  # perfect agreement: no width-0 interval
     assert cal["map"]["coherence"] == {"good": "coherent", "bad": "incoherent"}
 
     assert "accuracy  80% (8/10)  kappa 0.60" in result.output

@@ -155,6 +155,7 @@ def test_judge_transcripts_end_to_end(make_fake, write_matrix, tmp_path, open_ru
     assert correctness_prompts and all("3/6 + 2/6 = 5/6" in p for p in correctness_prompts)
 
     summary = run.summary()
+    assert summary["matrix_source"] == path
     assert summary["sessions"] == {"planned": 3, "completed": 3, "errored": 0, "not_run": 0, "superseded_attempts": 0}
     coherence = summary["dimensions"]["coherence"]
     assert (coherence["overall"]["pass"], coherence["overall"]["fail"]) == (2, 1)

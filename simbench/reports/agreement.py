@@ -7,7 +7,9 @@ Pure functions over labels and counts, each testable against published values an
 - **Cohen's kappa** ``(p_o - p_e) / (1 - p_e)``: agreement beyond chance between two raters, with
   the large-sample standard error of Fleiss, Cohen and Everitt (1969) (the one statsmodels'
   ``cohens_kappa`` reports) and a normal interval, clipped to [-1, 1]. Undefined (None) when chance
-  agreement is 1 (both raters used one and the same label throughout).
+  agreement is 1 (both raters used one and the same label throughout); no interval (None) when the
+  standard error is 0 (perfect agreement, or a rater that used one label), which the formula cannot
+  turn into an honest interval.
 - **Fleiss' kappa**: agreement among the N samples of one judge over many sessions (every session
   rated the same number of times), for ``--judge-samples``.
 """
@@ -76,6 +78,10 @@ def cohen_kappa(table: Sequence[Sequence[int]], confidence: float = CONFIDENCE) 
     c = (kappa - chance * (1 - kappa)) ** 2
     variance = max(0.0, (a + b - c) / ((1 - chance) ** 2 * n))
     se = math.sqrt(variance)
+    if math.isclose(se, 0.0, abs_tol=1e-12):
+        # The large-sample formula sees no spread (perfect agreement, or a rater that used one label):
+        # an interval of width 0 would claim a certainty a few sessions cannot give.
+        return Kappa(kappa, se, None, n)
     z = norm.isf((1 - confidence) / 2)
     ci = (max(-1.0, kappa - z * se), min(1.0, kappa + z * se))
     return Kappa(kappa, se, ci, n)
