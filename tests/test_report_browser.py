@@ -486,3 +486,61 @@ def test_large_run_links_jump_to_sessions_on_other_pages(browser, large_run, ope
     session = article.locator("code").first.inner_text()
     assert article.locator(".msg").evaluate_all("ms => ms.map(m => m.lastChild.textContent)") \
         == large_run["transcripts"][session]
+
+
+# -- judge samples: unstable judgements are marked and can be listed ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def sampled_run(tmp_path_factory):
+    """Three imported sessions judged 3 times each: coherence of "a" unstable (2 of 3), "b" fails, "c" passes."""
+    import subprocess
+    import sys
+    from collections import Counter
+
+    tmp = tmp_path_factory.mktemp("sampled-run")
+    seen: Counter = Counter()
+
+    def label(prompt: str, labels: list[str]) -> str:
+        marker = prompt.split("<<")[1].split(">>")[0]
+        if judge_name(prompt) != "coherence":
+            return labels[0]
+        seen[marker] += 1
+        return {"a": labels[1] if seen[marker] == 2 else labels[0], "b": labels[1], "c": labels[0]}[marker]
+
+    lines = [json.dumps({"session_id": m, "metadata": {"reference": "5/6"}, "messages": [
+        {"role": "user", "content": "What is 1/2 + 1/3?"},
+        {"role": "assistant", "content": f"<<{m}>> Use sixths."}]}) for m in "abc"]
+    (tmp / "t.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with RecordingFake(latency=0, judge_label=label) as fake:
+        (tmp / "m.yaml").write_text(yaml.safe_dump(base_matrix(fake.base_url)), encoding="utf-8")
+        # In a process of its own: Playwright's sync API may already run an event loop in this one.
+        result = subprocess.run(
+            [sys.executable, "-m", "simbench", "judge", "--transcripts", str(tmp / "t.jsonl"), "--matrix",
+             str(tmp / "m.yaml"), "--out", str(tmp / "run"), "-q", "--judge-samples", "3",
+             "--cache", str(tmp / "cache.sqlite")],
+            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = tmp / "run"
+    store = RunStore.open_run_dir(out)
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        lazy = write_report(store, summary, out, embedded=False, lazy=True, path=out / "report-lazy.html")
+    finally:
+        store.close()
+    return {"inline": out / "report.html", "lazy": lazy}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unstable_judgements_are_marked_and_listed(browser, sampled_run, open_page, mode):
+    p = open_page(sampled_run[mode])
+    page = p.page
+    coherence_row = page.locator("#judge-consistency tr", has_text="coherence")
+    assert coherence_row.locator("td").nth(4).inner_text() == "1"  # the unstable column: session a
+    page.click("#judge-consistency a[href*='unstable']")
+    shown = visible_sessions(p)
+    assert [s["messages"][1] for s in shown] == ["<<a>> Use sixths."]
+    assert "coherence:@unstable" in shown[0]["labels"]
+    assert page.eval_on_selector("#filters select[name=label]", "s => s.value") == "@unstable"
+    if mode == "inline":
+        assert "coherence: coherent (unstable)" in page.text_content(f"#{shown[0]['anchor']} header")
