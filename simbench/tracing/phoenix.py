@@ -57,7 +57,7 @@ class PhoenixStore(TraceStore):
                                   f"{' (set PHOENIX_API_KEY)' if exc.response.status_code in (401, 403) else ''}") from None
         except (httpx.HTTPError, OSError) as exc:
             raise TraceStoreError(f"cannot reach {self.describe()}: {type(exc).__name__}: {exc}. "
-                                  "Start the server (phoenix serve) or fix trace_store.endpoint.") from None
+                                  "Start the server (phoenix serve) or fix the endpoint.") from None
 
     # -- spans in ---------------------------------------------------------------------------
 
