@@ -275,6 +275,8 @@ def push(run_dir: str, store_kind: str, endpoint: Optional[str], project: str) -
         result = push_run(Path(run_dir), config)
     except RunError as exc:
         _fail(str(exc), exc.exit_code)
+    if result.spans_resent:
+        click.echo(f"sent {result.spans_resent} span(s) the store did not hold (from {run_dir})")
     click.echo(f"logged {result.logged} of {result.judgements} judgement(s) on {result.sessions} session(s)")
 
 

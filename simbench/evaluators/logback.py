@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 import pandas as pd
 
 from ..store import RunStore
-from ..tracing.local import spans_dataframe
+from ..tracing.local import readable_spans, spans_dataframe
 from ..tracing.stores import SpanSelection, TraceStore
 
 # Clock skew between us and a store, and spans that end after the run row was written.
@@ -25,14 +25,19 @@ class PushResult:
     sessions: int
     judgements: int
     logged: int
+    spans_resent: int = 0
 
 
-def run_window(store: RunStore) -> tuple[datetime, datetime]:
-    """The time window a run's spans fall in (with a margin), for stores that read by time."""
+def run_window(store: RunStore, spans: pd.DataFrame | None = None) -> tuple[datetime, datetime]:
+    """The time window a run's spans fall in (with a margin), for stores that read by time.
+    ``spans`` widens it to their start times (a judged run holds sessions older than itself)."""
     run = store.run() or {}
-    start = datetime.fromtimestamp(run.get("created_at") or 0, timezone.utc) - WINDOW_MARGIN
-    end_at = run.get("finished_at") or datetime.now(timezone.utc).timestamp()
-    return start, datetime.fromtimestamp(end_at, timezone.utc) + WINDOW_MARGIN
+    start = datetime.fromtimestamp(run.get("created_at") or 0, timezone.utc)
+    end = datetime.fromtimestamp(run.get("finished_at") or datetime.now(timezone.utc).timestamp(), timezone.utc)
+    if spans is not None and not spans.empty:
+        start = min(start, spans["start_time"].min().floor("us").to_pydatetime())
+        end = max(end, spans["start_time"].max().ceil("us").to_pydatetime())
+    return start - WINDOW_MARGIN, end + WINDOW_MARGIN
 
 
 def run_selection(store: RunStore, run_id: str, local_spans: pd.DataFrame) -> SpanSelection:
@@ -50,7 +55,32 @@ def push_judgements(trace_store: TraceStore, store: RunStore, spans: pd.DataFram
     counted = {s["session_id"] for s in store.latest_sessions() if s["status"] == "completed"}
     judgements = [j for j in store.judgements() if j.session_id in counted]
     if spans is None:
-        run_id = (store.run() or {}).get("run_id", "")
-        spans = spans_dataframe(store, f"{run_id}/" if run_id else None)
+        spans = spans_dataframe(store)
+        spans = spans[spans["attributes.session.id"].isin(counted)]
+    resent = resend_missing_spans(trace_store, store, spans)
     logged = trace_store.log_judgements(judgements, spans)
-    return PushResult(len({j.session_id for j in judgements}), len(judgements), logged)
+    return PushResult(len({j.session_id for j in judgements}), len(judgements), logged, resent)
+
+
+def resend_missing_spans(trace_store: TraceStore, store: RunStore, spans: pd.DataFrame) -> int:
+    """Send the store the run's spans it does not hold (it was down, or the run traced locally):
+    a judgement can only land on a session the store knows. Waits until they are queryable."""
+    processor = trace_store.span_processor()
+    if processor is None or spans.empty:
+        return 0
+    start, end = run_window(store, spans)
+    sessions = set(spans["attributes.session.id"].dropna())
+    held = trace_store.spans(SpanSelection(start=start, end=end))
+    held_ids = set(held.loc[held["attributes.session.id"].isin(sessions), "context.span_id"])
+    missing = set(spans["context.span_id"]) - held_ids
+    if not missing:
+        processor.shutdown()
+        return 0
+    try:
+        for span in readable_spans(store, missing):
+            processor.on_end(span)
+        processor.force_flush()
+    finally:
+        processor.shutdown()
+    trace_store.spans(SpanSelection(start=start, end=end, expected_spans=len(held) + len(missing)))
+    return len(missing)

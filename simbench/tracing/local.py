@@ -169,3 +169,27 @@ def _plain(value: Any) -> Any:
 
 def _nanoseconds(value: Any) -> int:
     return int(pd.Timestamp(value).value)
+
+
+def readable_spans(store: RunStore, span_ids: set[str]) -> list[ReadableSpan]:
+    """Stored spans as OTel spans again, with their original ids and times, so ``push`` can send a
+    store the spans it missed (its sessions must exist there before judgements can land on them)."""
+    from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
+
+    def context(trace_id: str, span_id: str) -> SpanContext:
+        return SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+
+    out = []
+    for row in store.span_rows():
+        if row["span_id"] not in span_ids:
+            continue
+        out.append(ReadableSpan(
+            name=row["name"],
+            context=context(row["trace_id"], row["span_id"]),
+            parent=context(row["trace_id"], row["parent_id"]) if row["parent_id"] else None,
+            attributes=json.loads(row["attributes"]),
+            status=Status(StatusCode[row["status_code"]]),
+            start_time=row["start_time"],
+            end_time=row["end_time"],
+        ))
+    return out
