@@ -34,8 +34,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def phoenix_url(tmp_path_factory):
-    """A Phoenix server on 127.0.0.1 with its own working dir and free ports, for the whole session."""
+def phoenix_server(tmp_path_factory):
+    """A Phoenix server on 127.0.0.1 with its own working dir and free ports, for the whole session:
+    {"url": its HTTP root, "grpc_port": its OTLP gRPC receiver}."""
     executable = os.environ.get("SIMBENCH_PHOENIX")
     if not executable:
         message = ("SIMBENCH_PHOENIX is not set: point it at the phoenix executable of a venv with arize-phoenix "
@@ -55,7 +56,7 @@ def phoenix_url(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_until_ready(url, process, log_path)
-        yield url
+        yield {"url": url, "grpc_port": grpc_port}
     finally:
         process.terminate()
         try:
@@ -63,6 +64,11 @@ def phoenix_url(tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def phoenix_url(phoenix_server):
+    return phoenix_server["url"]
 
 
 def _wait_until_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
@@ -259,3 +265,28 @@ def test_push_of_a_local_run(phoenix_url, fake, write_matrix, tmp_path, open_run
     annotations = _session_annotations(phoenix_url, "pushed", sessions)
     assert sorted((a["session_id"], a["name"], a["result"]["label"]) for a in annotations) == \
         sorted((j["session_id"], j["judge"], j["label"]) for j in files.judgements())
+
+
+def test_arize_otel_exports_over_grpc_with_the_project(phoenix_server, monkeypatch):
+    """The arize store's span path (``arize.otel.register``, gRPC, the project as a resource) into a
+    real OTLP gRPC receiver: Phoenix's, since AX itself cannot be reached from here."""
+    from openinference.instrumentation import using_attributes
+
+    from simbench.tracing.arize import ArizeStore
+    from simbench.tracing.setup import record_session_end, route_spans_to
+
+    monkeypatch.setenv("ARIZE_COLLECTOR_ENDPOINT", f"http://127.0.0.1:{phoenix_server['grpc_port']}")
+    store = ArizeStore("space-id", "api-key", "simbench-arize-grpc")
+    store.check()  # the collector answers
+    with route_spans_to(store.span_processor()):
+        for n in range(3):
+            with using_attributes(session_id=f"ax-run/{n}/1", metadata={"variant": "v"}):
+                record_session_end(f"goodbye {n}", "max_turns")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        spans = _phoenix_spans(phoenix_server["url"], "simbench-arize-grpc")
+        if len(spans) >= 3:
+            break
+        time.sleep(0.5)
+    assert sorted(spans["attributes.session.id"]) == ["ax-run/0/1", "ax-run/1/1", "ax-run/2/1"]
+    assert sorted(spans["attributes.input.value"]) == ["goodbye 0", "goodbye 1", "goodbye 2"]
