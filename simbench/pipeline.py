@@ -197,8 +197,10 @@ def _session_spans(store: RunStore, run_id: str, remote: Optional[TraceStore]):
     local = spans_dataframe(store, f"{run_id}/")
     if remote is None:
         return local
+    # Wait for the spans of the sessions to judge; a killed attempt's may never have left the process.
+    counted = {s["session_id"] for s in store.latest_sessions() if s["status"] == "completed"}
     try:
-        return remote.spans(run_selection(store, run_id, local))
+        return remote.spans(run_selection(store, run_id, local[local["attributes.session.id"].isin(counted)]))
     except TraceStoreError as exc:
         _log(f"warning: {exc}; judging the run's own copy of the spans instead")
         return local
