@@ -290,3 +290,63 @@ def test_arize_otel_exports_over_grpc_with_the_project(phoenix_server, monkeypat
         time.sleep(0.5)
     assert sorted(spans["attributes.session.id"]) == ["ax-run/0/1", "ax-run/1/1", "ax-run/2/1"]
     assert sorted(spans["attributes.input.value"]) == ["goodbye 0", "goodbye 1", "goodbye 2"]
+
+
+class _FailingPhoenix:
+    """A Phoenix that answers the reachability check and then fails every other request: a server
+    that goes down mid-run. (A stand-in at the network boundary, like the fake model server.)"""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, status: int, body: bytes) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if self.path.startswith("/v1/projects?") or self.path == "/v1/projects":
+                    self._answer(200, b'{"data": [], "next_cursor": null}')
+                else:
+                    self._answer(500, b'{"detail": "down"}')
+
+            def do_POST(self):
+                # 400 for OTLP: the exporter gives up at once instead of backing off for a minute
+                self._answer(400 if self.path == "/v1/traces" else 500, b'{"detail": "down"}')
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_store_that_fails_mid_run_loses_nothing(phoenix_url, fake, write_matrix, tmp_path, open_run):
+    with _FailingPhoenix() as broken:
+        matrix = write_matrix(_phoenix_matrix(fake.base_url, broken.url, "recovered"))
+        result = run_cli(matrix, tmp_path / "run", "--no-cache")
+    assert result.exit_code == 0, result.output
+    assert "judging the run's own copy of the spans instead" in result.output
+    assert "judgements were not logged" in result.output and "simbench push" in result.output
+    files = open_run(tmp_path / "run")
+    judgements = files.judgements()
+    assert len(judgements) == 4 and {j["status"] for j in judgements} == {"ok"}
+    # the server is back (here: the real one): push sends the spans and the judgements
+    pushed = invoke("push", tmp_path / "run", "--store", "phoenix", "--endpoint", phoenix_url, "--project", "recovered")
+    assert pushed.exit_code == 0, pushed.output
+    annotations = _session_annotations(phoenix_url, "recovered", [s["session_id"] for s in files.sessions()])
+    assert sorted((a["session_id"], a["name"], a["result"]["label"]) for a in annotations) == \
+        sorted((j["session_id"], j["judge"], j["label"]) for j in judgements)
+    assert len(_phoenix_spans(phoenix_url, "recovered")) == len(files.spans())
