@@ -120,7 +120,7 @@ class PhoenixStore(TraceStore):
                 return []  # no such project yet: no spans
             raise TraceStoreError(f"{self.describe()}: reading spans failed: HTTP {exc.response.status_code} "
                                   f"{exc.response.text[:300]}") from None
-        except (httpx.HTTPError, OSError) as exc:
+        except Exception as exc:  # transport errors, and phoenix.client's own
             raise TraceStoreError(f"{self.describe()}: reading spans failed: {type(exc).__name__}: {exc}") from None
         if len(page) < self.page_size:
             return [page.reset_index(drop="context.span_id" in page.columns)] if len(page) else []
@@ -142,7 +142,7 @@ class PhoenixStore(TraceStore):
         except httpx.HTTPStatusError as exc:
             raise TraceStoreError(f"{self.describe()}: logging session annotations failed: HTTP "
                                   f"{exc.response.status_code} {exc.response.text[:300]}") from None
-        except (httpx.HTTPError, OSError) as exc:
+        except Exception as exc:  # transport errors, and phoenix.client's own (e.g. a server too old)
             raise TraceStoreError(f"{self.describe()}: logging session annotations failed: "
                                   f"{type(exc).__name__}: {exc}") from None
         return len(inserted or [])
