@@ -23,7 +23,7 @@ from simbench.evaluators.sessions import rebuild_sessions
 from simbench.records import Judgement
 from simbench.store import RunStore
 from simbench.tracing.arize import ArizeStore, evaluations_frame, export_filter, from_export, select
-from simbench.tracing.local import spans_dataframe
+from simbench.tracing.local import SPAN_COLUMNS, spans_dataframe
 from simbench.tracing.stores import SpanSelection, TraceStoreError, session_roots
 
 PROJECT = "simbench-tests"
@@ -145,6 +145,7 @@ def test_the_export_mapping_rebuilds_the_same_sessions(finished_run):
     assert "attributes.llm.token_count.total" not in exported.columns
     frame = from_export(exported)
     assert len(frame) == len(spans)
+    assert list(frame.columns[:len(SPAN_COLUMNS)]) == SPAN_COLUMNS  # the span dataframe every store hands back
     mine = {t.session_id: t for t in rebuild_sessions(spans)}
     theirs = {t.session_id: t for t in rebuild_sessions(frame)}
     assert theirs == mine and len(mine) == 4

@@ -247,6 +247,9 @@ def test_paging_reads_more_than_a_thousand_spans(phoenix_url, fake, write_matrix
     small = PhoenixStore(phoenix_url, "simbench-paging", page_size=100)
     frame = small.fetch_all(window["start_time"], window["end_time"])
     assert len(frame) == 1040 and frame["context.span_id"].is_unique
+    from simbench.tracing.local import SPAN_COLUMNS
+
+    assert set(SPAN_COLUMNS) <= set(frame.columns)  # the span dataframe every store hands back
     judgements = files.judgements()
     assert len(judgements) == 520 and {j["status"] for j in judgements} == {"ok"}
     assert len(_session_annotations(phoenix_url, "simbench-paging", [s["session_id"] for s in files.sessions()])) == 520
