@@ -177,6 +177,117 @@ def compare(run_dir_a: str, run_dir_b: str, out: Optional[str]) -> None:
     click.echo(f"report: {path}")
 
 
+# -- judging what already exists, and logging to trace stores --------------------------------------
+
+_STORE_KINDS = click.Choice(["phoenix", "arize"])
+
+
+def _store_config(kind: str, endpoint: Optional[str], project: Optional[str]):
+    """--store/--endpoint/--project, validated by the same rules as a matrix's trace_store."""
+    from pydantic import ValidationError
+
+    from .matrix import TraceStoreSpec
+    from .tracing.stores import StoreConfig
+
+    try:
+        spec = TraceStoreSpec(kind=kind, endpoint=endpoint, project=project)
+    except ValidationError as exc:
+        _fail("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()), EXIT_INPUT)
+    return StoreConfig(spec.kind, spec.endpoint, spec.project, spec.space_id_env, spec.api_key_env)
+
+
+def _parse_time(value: Optional[str], option: str):
+    from datetime import datetime, timezone
+
+    if value is None:
+        raise click.UsageError(f"{option} is required with --store (an ISO time, e.g. 2026-11-26T09:00:00Z)")
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected an ISO time, e.g. 2026-11-26T09:00:00Z", param_hint=option)
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+@cli.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--store", "store_kind", type=_STORE_KINDS, default=None, help="Judge sessions already in this trace store.")
+@click.option("--endpoint", default=None, help="The Phoenix server (e.g. http://127.0.0.1:6006).")
+@click.option("--project", default=None, help="The store's project that holds the sessions.")
+@click.option("--start", "start", default=None, help="Sessions with spans from this time (ISO; UTC if no zone).")
+@click.option("--end", "end", default=None, help="... up to this time (exclusive).")
+@click.option("--where", "where", default=None,
+              help="A filter in the store's language; a session is judged if any of its spans matches.")
+@click.option("--matrix", "matrix_path", type=click.Path(dir_okay=False), default=None,
+              help="Judges and models to use (default: RUN_DIR's matrix, or the built-in judges on the embedded model).")
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None, help="New run directory for the results.")
+@click.option("--cache", "cache", type=click.Path(dir_okay=False), default=None, help="Response cache file.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the response cache.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def judge(run_dir, store_kind, endpoint, project, start, end, where, matrix_path, out, cache, no_cache, quiet) -> None:
+    """Judge sessions that already exist, without simulating: a local RUN_DIR (e.g. with other judges),
+    or a time window of sessions in a trace store (results are logged back to it).
+
+    Writes a new run directory with the same report as `run`; RUN_DIR itself is not changed.
+    """
+    from .offline import judge_spans, open_remote, spans_from_run, spans_from_store
+    from .pipeline import RunError, new_run_id
+
+    if (run_dir is None) == (store_kind is None):
+        raise click.UsageError("give either RUN_DIR or --store (with --project, --start and --end)")
+    cache_path = None if no_cache else Path(cache) if cache else default_cache_path()
+    judge_matrix = _load(matrix_path) if matrix_path else None
+    remote = None
+    try:
+        if run_dir is not None:
+            spans, run_matrix = spans_from_run(Path(run_dir))
+            judge_matrix = judge_matrix or run_matrix
+            source, name = str(run_dir), f"{run_matrix.name}-judged"
+        else:
+            config = _store_config(store_kind, endpoint, project)
+            window = (_parse_time(start, "--start"), _parse_time(end, "--end"))
+            remote = open_remote(config)
+            spans = spans_from_store(remote, *window, where)
+            judge_matrix = judge_matrix or _default_judge_matrix()
+            source, name = f"{remote.describe()}", f"{config.project}-judged"
+        run_id = new_run_id()
+        outcome = judge_spans(spans, judge_matrix, Path(out) if out else Path("runs") / f"{name}-{run_id}",
+                              name=name, source=source, log_to=remote, cache_path=cache_path, progress=not quiet)
+    except RunError as exc:
+        _fail(str(exc), exc.exit_code)
+    finally:
+        if remote is not None:
+            remote.close()
+    _print_outcome(outcome)
+
+
+def _default_judge_matrix():
+    """Built-in judges on the embedded model, when judging a store's sessions without --matrix."""
+    from .matrix import parse_matrix
+
+    return parse_matrix("name: judge\ntutor: {variants: {production: imported}}\n"
+                        "topics: [{name: unknown, opening: imported}]\npersonas: [impatient]\n", "<default judges>")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--store", "store_kind", type=_STORE_KINDS, required=True, help="The trace store to log to.")
+@click.option("--endpoint", default=None, help="The Phoenix server (e.g. http://127.0.0.1:6006).")
+@click.option("--project", required=True, help="The store's project that holds the run's sessions.")
+def push(run_dir: str, store_kind: str, endpoint: Optional[str], project: str) -> None:
+    """Log a finished run's judgements onto its sessions in a trace store (e.g. after the store was down)."""
+    from .offline import push_run
+    from .pipeline import RunError
+
+    config = _store_config(store_kind, endpoint, project)
+    try:
+        result = push_run(Path(run_dir), config)
+    except RunError as exc:
+        _fail(str(exc), exc.exit_code)
+    if result.spans_resent:
+        click.echo(f"sent {result.spans_resent} span(s) the store did not hold (from {run_dir})")
+    click.echo(f"logged {result.logged} of {result.judgements} judgement(s) on {result.sessions} session(s)")
+
+
 @cli.command("install-model")
 @click.option("--force", is_flag=True, help="Reinstall even if it is already there.")
 def install_model(force: bool) -> None:

@@ -151,9 +151,38 @@ class Persona(_Strict):
 
 
 class TraceStoreSpec(_Strict):
-    """Where tutor spans go. Only ``local`` (the run's SQLite file) exists so far."""
+    """Where tutor spans go and where judgements are logged back.
 
-    kind: Literal["local"] = "local"
+    ``local``: the run's SQLite file only. ``phoenix``: an Arize Phoenix server at ``endpoint``
+    (spans land in ``project``). ``arize``: Arize AX, with the space id and API key read from the
+    environment variables named by ``space_id_env`` and ``api_key_env`` (never from the file).
+    Every kind also keeps a copy of the spans in the run's file, for the report and for ``push``.
+    """
+
+    kind: Literal["local", "phoenix", "arize"] = "local"
+    endpoint: Optional[str] = None
+    project: Optional[str] = None
+    space_id_env: str = "ARIZE_SPACE_ID"
+    api_key_env: str = "ARIZE_API_KEY"
+
+    @model_validator(mode="after")
+    def _fields_of_the_kind(self) -> "TraceStoreSpec":
+        if self.kind == "local":
+            extra = [f for f in ("endpoint", "project") if getattr(self, f) is not None]
+            if extra:
+                raise ValueError(f"{' and '.join(extra)} apply to kind phoenix or arize, not local")
+            return self
+        if not self.project:
+            raise ValueError(f"a {self.kind} trace store needs project: (the project the spans go to)")
+        if self.kind == "phoenix":
+            if not self.endpoint:
+                raise ValueError("a phoenix trace store needs endpoint: (e.g. http://127.0.0.1:6006)")
+            if not re.match(r"^https?://[^/\s]+", self.endpoint):
+                raise ValueError(f"endpoint {self.endpoint!r} must be an http:// or https:// URL")
+            self.endpoint = self.endpoint.rstrip("/")
+        elif self.endpoint is not None:
+            raise ValueError("an arize trace store takes no endpoint: (the arize SDK knows where AX is)")
+        return self
 
 
 class Matrix(_Strict):

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from opentelemetry.sdk.trace import SpanProcessor, SynchronousMultiSpanProcessor
 from tqdm import tqdm
 
 from . import __version__
 from .evaluators.builtin import BUILTIN
 from .evaluators.judges import JudgeInput, judge_sessions
+from .evaluators.logback import push_judgements, run_selection
 from .evaluators.sessions import rebuild_sessions
 from .matrix import Matrix
 from .models.cache import ResponseCache
@@ -35,6 +37,7 @@ from .simulator.runner import pending_samples, simulate
 from .store import RUN_FILE, RunStore
 from .tracing.local import local_span_processor, spans_dataframe
 from .tracing.setup import route_spans_to
+from .tracing.stores import StoreConfig, TraceStore, TraceStoreError, open_store
 
 
 class RunError(Exception):
@@ -79,6 +82,7 @@ def run_matrix(
 ) -> RunOutcome:
     """Simulate, judge and report a matrix. ``cache_path`` None turns the response cache off;
     ``judge=False`` stops after simulation (sessions stay unjudged until a resumed run judges them)."""
+    remote = open_remote_store(matrix)  # before the run directory and any model call
     store, run_id, run_dir = _open_run(matrix, run_dir, resume)
     cache = ResponseCache(cache_path) if cache_path else None
     try:
@@ -88,14 +92,18 @@ def run_matrix(
             if uses_local:
                 _log("Using the embedded SmolLM2-135M model: it checks that the pipeline works; "
                      "do not trust its answers or its judgements.")
-            asyncio.run(_simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge))
+            asyncio.run(_simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge, remote))
         store.finish_run("finished")
+        if remote is not None and judge:
+            _log_back(remote, store, run_dir)
         outcome = _report(matrix, store, run_dir, gates)
         if outcome.summary["sessions"]["planned"] and not outcome.summary["sessions"]["completed"]:
             raise RunError(f"every session errored (reasons in {outcome.report_path})", 3)
         return outcome
     finally:
         store.close()
+        if remote is not None:
+            remote.close()
         if cache is not None:
             cache.close()
 
@@ -154,7 +162,61 @@ def _endpoints(matrix: Matrix, local_url: Optional[str]) -> dict[str, Endpoint]:
     return endpoints
 
 
-async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge=True) -> None:
+def open_remote_store(matrix: Matrix) -> Optional[TraceStore]:
+    """The matrix's remote trace store, checked reachable; None for ``local`` (the run's file only)."""
+    spec = matrix.trace_store
+    if spec.kind == "local":
+        return None
+    try:
+        remote = open_store(StoreConfig(spec.kind, spec.endpoint, spec.project, spec.space_id_env, spec.api_key_env))
+        remote.check()
+    except TraceStoreError as exc:
+        raise RunError(f"trace store: {exc}", exc.exit_code) from None
+    _log(f"Tracing to {remote.describe()}.")
+    return remote
+
+
+def _span_processor(store: RunStore, remote: Optional[TraceStore]) -> SpanProcessor:
+    """The run's own file always gets the spans (the report reads them, and nothing is lost if a
+    remote store fails); a remote store gets them too."""
+    local = local_span_processor(store)
+    if remote is None:
+        return local
+    both = SynchronousMultiSpanProcessor()
+    both.add_span_processor(local)
+    both.add_span_processor(remote.span_processor())
+    return both
+
+
+def _session_spans(store: RunStore, run_id: str, remote: Optional[TraceStore]):
+    """The run's spans as the trace store holds them: judges read the store, not the simulator.
+
+    If a remote store cannot give them all back, the run's own copy is judged instead (said on
+    stderr), so a store outage costs no judgements.
+    """
+    local = spans_dataframe(store, f"{run_id}/")
+    if remote is None:
+        return local
+    # Wait for the spans of the sessions to judge; a killed attempt's may never have left the process.
+    counted = {s["session_id"] for s in store.latest_sessions() if s["status"] == "completed"}
+    try:
+        return remote.spans(run_selection(store, run_id, local[local["attributes.session.id"].isin(counted)]))
+    except TraceStoreError as exc:
+        _log(f"warning: {exc}; judging the run's own copy of the spans instead")
+        return local
+
+
+def _log_back(remote: TraceStore, store: RunStore, run_dir: Path) -> None:
+    try:
+        result = push_judgements(remote, store)
+    except TraceStoreError as exc:
+        _log(f"warning: judgements were not logged to {remote.describe()}: {exc}. They are saved in "
+             f"{run_dir / RUN_FILE}; log them later with: simbench push {run_dir} --store {remote.kind} ...")
+        return
+    _log(f"Logged {result.logged} judgement(s) of {result.sessions} session(s) to {remote.describe()}.")
+
+
+async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge=True, remote=None) -> None:
     counters = RunCounters()
     limiters = limiters_for(matrix, counters)
     tutor = Agent(openai_client(endpoints["tutor"], cache, limiters[endpoints["tutor"].name]), endpoints["tutor"],
@@ -163,7 +225,7 @@ async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress,
                     matrix.student.max_tokens, matrix.student.temperature)
     todo = pending_samples(store, matrix.samples())
     try:
-        with route_spans_to(local_span_processor(store)):
+        with route_spans_to(_span_processor(store, remote)):
             with tqdm(total=len(matrix.samples()), initial=len(matrix.samples()) - len(todo), desc="sessions",
                       unit="session", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
                 await simulate(matrix, run_id, todo, tutor, student, store, bar, counters)
@@ -171,14 +233,17 @@ async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress,
         await tutor.client.close()
         await student.client.close()
     if judge:
-        await _judge_run(matrix, run_id, store, endpoints["judge"], cache, limiters[endpoints["judge"].name], progress, counters)
+        await _judge_run(matrix, run_id, store, endpoints["judge"], cache, limiters[endpoints["judge"].name], progress, counters,
+                         _session_spans(store, run_id, remote))
 
 
-async def _judge_run(matrix, run_id, store, endpoint, cache, limiter, progress, counters) -> None:
+async def _judge_run(matrix, run_id, store, endpoint, cache, limiter, progress, counters, spans=None) -> None:
     """Judge every completed session that has no verdict yet, reading transcripts from the trace store."""
     latest = {s["session_id"]: s for s in store.latest_sessions() if s["status"] == "completed"}
     done = {(j.session_id, j.judge) for j in store.judgements()}
-    transcripts = [t for t in rebuild_sessions(spans_dataframe(store, f"{run_id}/")) if t.session_id in latest]
+    if spans is None:
+        spans = spans_dataframe(store, f"{run_id}/")
+    transcripts = [t for t in rebuild_sessions(spans) if t.session_id in latest]
     definitions = [BUILTIN[name] for name in matrix.judges.use]
     # A resumed run may have some judges done for a session: ask only for the missing ones.
     groups: dict[tuple[str, ...], list[JudgeInput]] = {}

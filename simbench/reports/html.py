@@ -97,8 +97,9 @@ def session_views(store: RunStore, prefix: str = "s", baseline: Optional[str] = 
     its first judgement and ``outcomes`` to pass, fail, error or skipped; ``labels`` is what the
     filters match (``dim:label`` and ``dim:@outcome`` tokens).
     """
-    run = store.run() or {}
-    transcripts = {t.session_id: t for t in rebuild_sessions(spans_dataframe(store, f"{run.get('run_id', '')}/"))}
+    # The run's file holds only its own spans: every session, simulated ("<run_id>/...") or imported
+    # from a trace store by ``simbench judge`` (which keeps the store's session ids).
+    transcripts = {t.session_id: t for t in rebuild_sessions(spans_dataframe(store))}
     judgements: dict[str, list] = {}
     for j in store.judgements():
         judgements.setdefault(j.session_id, []).append(j)
