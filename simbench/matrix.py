@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .evaluators.builtin import BUILTIN as _BUILTIN_JUDGES
 from .personas import builtin_personas
+from .personas.prompt import student_system_prompt
 from .records import Sample
 from .scenarios import builtin_topics
 
@@ -135,6 +136,10 @@ class Topic(_Strict):
     opening: str = Field(min_length=1)
     reference: Optional[str] = None
     goal: Optional[str] = None
+    subject: Optional[str] = None
+    """arithmetic, algebra, science, programming, writing, ... (for grouping; free text)."""
+    misconceptions: list[str] = Field(default_factory=list)
+    """Wrong beliefs students commonly hold here; a persona with ``misconception: topic`` takes the first."""
 
 
 class Persona(_Strict):
@@ -144,6 +149,12 @@ class Persona(_Strict):
     extends: Optional[str] = None
     description: str = Field(min_length=1)
     traits: list[str] = Field(default_factory=list)
+    misconception: Optional[str] = None
+    """``topic``: hold the topic's first misconception; other text: hold that belief; None: none."""
+    writing_style: Optional[str] = None
+    """How the student writes (spelling, grammar, language), when it is part of the persona."""
+    patience: Optional[int] = Field(default=None, gt=0)
+    """Unhelpful tutor replies the student takes before giving up; None: no limit."""
     reacts_to_good: str = "engages with the next step"
     reacts_to_bad: str = "says it still does not make sense"
     stop_when: str = "you understand, or you give up"
@@ -228,7 +239,6 @@ class Matrix(_Strict):
 _CHARS_PER_TOKEN = 3
 _PER_MESSAGE_OVERHEAD = 8
 _JUDGE_TEMPLATE_TOKENS = 700
-_STUDENT_PROMPT_TOKENS = 400
 
 
 def _tokens(text: Optional[str]) -> int:
@@ -259,7 +269,7 @@ def context_needed(matrix: Matrix) -> int:
         )
         tutor_system = max(_tokens(matrix.render_tutor_prompt(v, topic)) for v in matrix.tutor.variants)
         tutor = tutor_system + history
-        student = _STUDENT_PROMPT_TOKENS + history
+        student = max(_tokens(student_system_prompt(p, topic)) for p in matrix.personas) + history
         longest = max(longest, judge, tutor, student)
     return longest
 
@@ -281,11 +291,12 @@ def load_matrix(path: Union[str, Path]) -> Matrix:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise MatrixError([f"{source}: cannot read the matrix: {exc.strerror or exc}"]) from None
-    return parse_matrix(text, source)
+    return parse_matrix(text, source, base_dir=path.parent)
 
 
-def parse_matrix(text: str, source: str = "<matrix>") -> Matrix:
-    """Validate matrix YAML text; ``source`` names it in errors."""
+def parse_matrix(text: str, source: str = "<matrix>", base_dir: Optional[Path] = None) -> Matrix:
+    """Validate matrix YAML text; ``source`` names it in errors; ``base_dir`` is where relative
+    ``file:`` paths of persona and topic files are read from (the current folder when None)."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -301,9 +312,9 @@ def parse_matrix(text: str, source: str = "<matrix>") -> Matrix:
     problems: list[str] = []
     data = dict(data)
     if "personas" in data:
-        data["personas"] = _resolve_personas(data["personas"], lines, source, problems)
+        data["personas"] = _resolve_personas(data["personas"], lines, source, problems, base_dir)
     if "topics" in data:
-        data["topics"] = _resolve_topics(data["topics"], lines, source, problems)
+        data["topics"] = _resolve_topics(data["topics"], lines, source, problems, base_dir)
     if problems:
         raise MatrixError(problems)
 
@@ -322,12 +333,12 @@ def parse_matrix(text: str, source: str = "<matrix>") -> Matrix:
     return matrix
 
 
-def _resolve_personas(raw: Any, lines: "_LineIndex", source: str, problems: list[str]) -> Any:
-    """Turn persona names into built-in persona dicts and apply ``extends``."""
+def _resolve_personas(raw: Any, lines: "_LineIndex", source: str, problems: list[str], base_dir: Optional[Path]) -> Any:
+    """Turn persona names into built-in persona dicts, read ``{file: PATH}`` items, apply ``extends``."""
     if not isinstance(raw, list):
         return raw
     library = builtin_personas()
-    resolved = []
+    resolved: list[Any] = []
     for i, item in enumerate(raw):
         where = f"{source}:{lines.line(('personas', i))}: personas[{i}]"
         if isinstance(item, str):
@@ -335,37 +346,114 @@ def _resolve_personas(raw: Any, lines: "_LineIndex", source: str, problems: list
                 problems.append(f"{where}: unknown persona {item!r}; built-in personas: {', '.join(sorted(library))}")
                 continue
             resolved.append({"name": item, **library[item]})
-        elif isinstance(item, dict) and item.get("extends") is not None:
-            base = library.get(item["extends"])
-            if base is None:
-                problems.append(
-                    f"{where}.extends: unknown persona {item['extends']!r}; built-in personas: {', '.join(sorted(library))}"
-                )
-                continue
-            resolved.append({**base, **item})
+        elif _is_file_item(item):
+            for entry in _read_library_file(item["file"], "personas", base_dir, where, problems):
+                fields = _extend_persona({"name": entry.key, **entry.fields}, library, f"{entry.where}.extends", problems)
+                if fields is not None and entry.validate(Persona, fields, problems):
+                    resolved.append(fields)
+        elif isinstance(item, dict):
+            fields = _extend_persona(item, library, f"{where}.extends", problems)
+            if fields is not None:
+                resolved.append(fields)
         else:
             resolved.append(item)
     return resolved
 
 
-def _resolve_topics(raw: Any, lines: "_LineIndex", source: str, problems: list[str]) -> Any:
-    """Turn topic keys into built-in topic dicts."""
+def _extend_persona(item: dict, library: dict[str, dict], where: str, problems: list[str]) -> Optional[dict]:
+    """``extends: NAME`` starts from a built-in persona; the item's own fields override it."""
+    if item.get("extends") is None:
+        return item
+    base = library.get(item["extends"]) if isinstance(item["extends"], str) else None
+    if base is None:
+        problems.append(f"{where}: unknown persona {item['extends']!r} to extend; "
+                        f"built-in personas: {', '.join(sorted(library))}")
+        return None
+    return {**base, **item}
+
+
+def _resolve_topics(raw: Any, lines: "_LineIndex", source: str, problems: list[str], base_dir: Optional[Path]) -> Any:
+    """Turn topic keys into built-in topic dicts and read ``{file: PATH}`` items."""
     if not isinstance(raw, list):
         return raw
     library = builtin_topics()
-    resolved = []
+    resolved: list[Any] = []
     for i, item in enumerate(raw):
+        where = f"{source}:{lines.line(('topics', i))}: topics[{i}]"
         if isinstance(item, str):
             if item not in library:
-                problems.append(
-                    f"{source}:{lines.line(('topics', i))}: topics[{i}]: unknown topic {item!r}; "
-                    f"built-in topics: {', '.join(sorted(library))}"
-                )
+                problems.append(f"{where}: unknown topic {item!r}; built-in topics: {', '.join(sorted(library))}")
                 continue
             resolved.append(dict(library[item]))
+        elif _is_file_item(item):
+            for entry in _read_library_file(item["file"], "topics", base_dir, where, problems):
+                if entry.validate(Topic, entry.fields, problems):
+                    resolved.append(entry.fields)
         else:
             resolved.append(item)
     return resolved
+
+
+def _is_file_item(item: Any) -> bool:
+    return isinstance(item, dict) and set(item) == {"file"}
+
+
+@dataclass
+class _LibraryEntry:
+    """One persona or topic read from a user's library file, with where it is in that file."""
+
+    key: str
+    fields: dict
+    path: Path
+    lines: "_LineIndex"
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.lines.line((self.key,))}: {self.key}"
+
+    def validate(self, model: type[BaseModel], fields: dict, problems: list[str]) -> bool:
+        """Validate here, so a problem names the library file and its line, not the matrix."""
+        try:
+            model.model_validate(fields)
+        except ValidationError as exc:
+            problems.extend(_describe(err, self.lines, str(self.path), prefix=(self.key,)) for err in exc.errors())
+            return False
+        return True
+
+
+def _read_library_file(name: Any, kind: str, base_dir: Optional[Path], where: str, problems: list[str]) -> list[_LibraryEntry]:
+    """Entries of a persona or topic file: a YAML mapping of key -> fields, like the built-in libraries.
+
+    A relative path is read from the matrix's folder.
+    """
+    if not isinstance(name, str) or not name:
+        problems.append(f"{where}.file: expected the path of a YAML file of {kind}")
+        return []
+    path = Path(name) if Path(name).is_absolute() or base_dir is None else base_dir / name
+    try:
+        text = path.read_text(encoding="utf-8")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except OSError as exc:
+        problems.append(f"{where}.file: cannot read {path}: {exc.strerror or exc}")
+        return []
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{path}:{mark.line + 1}" if mark else str(path)
+        problems.append(f"{at}: YAML syntax error: {getattr(exc, 'problem', None) or exc}")
+        return []
+    if not isinstance(data, dict) or not data:
+        problems.append(f"{path}:1: a file of {kind} is a YAML mapping of name -> fields (see docs/personas-and-judges.md)")
+        return []
+    file_lines = _LineIndex(node)
+    entries = []
+    for key, fields in data.items():
+        entry = _LibraryEntry(str(key), fields if isinstance(fields, dict) else {}, path, file_lines)
+        if not isinstance(fields, dict):
+            problems.append(f"{entry.where}: expected a mapping of fields")
+            continue
+        entries.append(entry)
+    return entries
 
 
 def _check_references(matrix: Matrix, lines: "_LineIndex", source: str) -> list[str]:
@@ -389,7 +477,7 @@ def _check_references(matrix: Matrix, lines: "_LineIndex", source: str) -> list[
             try:
                 _render(template, topic)
             except jinja2.UndefinedError as exc:
-                at(("tutor", "variants", variant), f"{exc.message} (a variant can use topic.name, topic.opening, topic.reference, topic.goal)")
+                at(("tutor", "variants", variant), f"{exc.message} (a variant can use topic.name, topic.opening, topic.reference, topic.goal, topic.subject, topic.misconceptions)")
                 break
             except jinja2.TemplateError as exc:
                 at(("tutor", "variants", variant), f"template error: {exc}")
@@ -423,8 +511,8 @@ def _dotted(loc: tuple) -> str:
     return out
 
 
-def _describe(err: dict, lines: "_LineIndex", source: str) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "model-"))))
+def _describe(err: dict, lines: "_LineIndex", source: str, prefix: tuple = ()) -> str:
+    loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "model-"))))
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown field (check its spelling against docs/matrix.md)"
