@@ -45,8 +45,8 @@ def student_system_prompt(persona: Any, topic: Any) -> str:
         lines.append(f"What you believe, and hold on to until the tutor shows you why it is wrong: {misconception}")
     if getattr(persona, "writing_style", None):
         lines.append(f"How you write: {persona.writing_style}")
-    lines.append(f"When the tutor helps well, you {persona.reacts_to_good}.")
-    lines.append(f"When the tutor is unclear or unhelpful, you {persona.reacts_to_bad}.")
+    lines.append(f"When the tutor helps well, how you react: {persona.reacts_to_good}.")
+    lines.append(f"When the tutor is unclear or unhelpful, how you react: {persona.reacts_to_bad}.")
     if getattr(persona, "patience", None):
         lines.append(f"Your patience: after {persona.patience} tutor replies that do not help you, you give up.")
     lines.append(
