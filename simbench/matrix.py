@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -16,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .evaluators.builtin import BUILTIN as _BUILTIN_JUDGES
+from .evaluators.builtin import JudgeDefinition
 from .personas import builtin_personas
 from .personas.prompt import student_system_prompt
 from .records import Sample
@@ -105,28 +107,148 @@ class StudentSpec(_Strict):
     temperature: float = Field(default=0.8, ge=0)
 
 
+# What a custom judge's prompt may use: each is a dataframe column of the judge's input, never
+# pre-rendered into the template. Optional inputs missing for a session make the judge record `skipped`.
+JUDGE_VARIABLES = {
+    "transcript": "the whole conversation, one 'Student:' or 'Tutor:' message per block",
+    "topic": "the topic's name",
+    "opening": "the student's first message",
+    "reference": "the topic's reference answer (optional)",
+    "goal": "the topic's learning goal (optional)",
+    "subject": "the topic's subject (optional)",
+    "misconceptions": "the topic's misconceptions, one per line (optional)",
+    "persona": "the persona's name, description and traits (optional)",
+}
+OPTIONAL_JUDGE_INPUTS = ("reference", "goal", "subject", "misconceptions", "persona")
+
+
+def _check_identifier(name: str, what: str) -> None:
+    if not IDENTIFIER.match(name):
+        raise ValueError(
+            f"{what} {name!r} must be an identifier ([a-z][a-z0-9_]*): "
+            "trace stores such as Arize AX drop evaluation names with '-' or '.'"
+        )
+
+
+def template_variables(template: str) -> list[str]:
+    """The ``{name}`` variables of a judge prompt, as phoenix.evals' f-string formatter reads them.
+
+    ``{{ name }}`` is refused: phoenix.evals would switch the whole prompt to mustache, so the other
+    variables would silently stay unfilled.
+    """
+    if "{{" in template or "}}" in template:
+        raise ValueError("use {transcript}-style variables; double braces ({{ ... }}) are not allowed in a judge prompt")
+    try:
+        return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as exc:
+        raise ValueError(f"template error: {exc} (a literal brace cannot appear in a judge prompt)") from None
+
+
+class CustomJudgeSpec(_Strict):
+    """A session judge written in the matrix: it runs through the same judge path as the built-ins."""
+
+    prompt: str = Field(min_length=1)
+    """phoenix.evals template with ``{transcript}`` and any of ``JUDGE_VARIABLES``."""
+    choices: dict[str, float] = Field(min_length=2)
+    """Label -> score; the judge answers with exactly one label."""
+    passing: Optional[list[str]] = None
+    """Labels that pass; default: the labels with the best score for ``direction``."""
+    direction: Literal["maximize", "minimize"] = "maximize"
+    model: Optional[str] = None
+    """A name from ``models``; default: ``judges.model``."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _known_variables(cls, v: str) -> str:
+        used = template_variables(v)
+        unknown = [name for name in used if name not in JUDGE_VARIABLES]
+        if unknown:
+            raise ValueError(f"unknown variable(s) {', '.join('{' + u + '}' for u in unknown)}; "
+                             f"a judge prompt can use {', '.join('{' + k + '}' for k in JUDGE_VARIABLES)}")
+        if "transcript" not in used:
+            raise ValueError("a judge prompt must contain {transcript} (the judge reads the whole session)")
+        return v
+
+    @field_validator("choices")
+    @classmethod
+    def _labels(cls, v: dict[str, float]) -> dict[str, float]:
+        for label in v:
+            if not label.strip():
+                raise ValueError("a label must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _passing_labels(self) -> "CustomJudgeSpec":
+        if self.passing is not None:
+            unknown = [label for label in self.passing if label not in self.choices]
+            if unknown:
+                raise ValueError(f"passing label(s) {unknown} are not among the choices {list(self.choices)}")
+            if not self.passing:
+                raise ValueError("passing is empty: the judge could never pass (omit it for the best-scored labels)")
+            if set(self.passing) == set(self.choices):
+                raise ValueError("every label passes: the judge could never fail")
+        elif len(set(self.choices.values())) == 1:
+            raise ValueError("every choice has the same score: say which labels pass with passing:")
+        return self
+
+    def definition(self, name: str) -> JudgeDefinition:
+        """The judge as the judge runner takes it (the same record as a built-in's)."""
+        used = template_variables(self.prompt)
+        return JudgeDefinition(
+            name=name,
+            template=self.prompt,
+            choices=dict(self.choices),
+            requires=tuple(v for v in OPTIONAL_JUDGE_INPUTS if v in used),
+            direction=self.direction,
+            passing=frozenset(self.passing) if self.passing is not None else None,
+        )
+
+
 class JudgesSpec(_Strict):
-    """Session judges: which built-ins to use and the model they run on."""
+    """Session judges: built-ins and custom ones, which of them run, and the model they run on."""
 
     model: str = DEFAULT_MODEL
     use: list[str] = Field(default_factory=lambda: list(BUILTIN_JUDGES), min_length=1)
+    """Judges that run; default: every built-in and every custom judge."""
+    custom: dict[str, CustomJudgeSpec] = Field(default_factory=dict)
     max_tokens: int = Field(default=256, gt=0)
     temperature: float = Field(default=0.0, ge=0)
 
     @field_validator("use")
     @classmethod
-    def _known_identifiers(cls, v: list[str]) -> list[str]:
+    def _identifiers(cls, v: list[str]) -> list[str]:
         for name in v:
-            if not IDENTIFIER.match(name):
-                raise ValueError(
-                    f"judge name {name!r} must be an identifier ([a-z][a-z0-9_]*): "
-                    "trace stores such as Arize AX drop evaluation names with '-' or '.'"
-                )
-            if name not in BUILTIN_JUDGES:
-                raise ValueError(f"unknown judge {name!r}; built-in judges: {', '.join(BUILTIN_JUDGES)}")
+            _check_identifier(name, "judge name")
         if len(set(v)) != len(v):
             raise ValueError("a judge is listed twice")
         return v
+
+    @field_validator("custom")
+    @classmethod
+    def _custom_names(cls, v: dict[str, CustomJudgeSpec]) -> dict[str, CustomJudgeSpec]:
+        for name in v:
+            _check_identifier(name, "custom judge name")
+            if name in BUILTIN_JUDGES:
+                raise ValueError(f"custom judge {name!r} has the name of a built-in judge; choose another name")
+        return v
+
+    @model_validator(mode="after")
+    def _default_use_includes_custom(self) -> "JudgesSpec":
+        if "use" not in self.model_fields_set:
+            self.use = list(BUILTIN_JUDGES) + list(self.custom)
+        return self
+
+    def definitions(self) -> list[JudgeDefinition]:
+        """Every judge in ``use``, built-in or custom, in ``use`` order."""
+        return [self.definition(name) for name in self.use]
+
+    def definition(self, name: str) -> JudgeDefinition:
+        return self.custom[name].definition(name) if name in self.custom else _BUILTIN_JUDGES[name]
+
+    def model_of(self, name: str) -> str:
+        """The model a judge runs on: its own ``model`` or ``judges.model``."""
+        custom = self.custom.get(name)
+        return (custom.model if custom is not None else None) or self.model
 
 
 class Topic(_Strict):
@@ -216,10 +338,22 @@ class Matrix(_Strict):
         name = {"tutor": self.tutor.model, "student": self.student.model, "judge": self.judges.model}[role]
         return name, self.models.get(name) or ModelSpec(provider="local")
 
+    def model_spec(self, name: str) -> ModelSpec:
+        """A named model's spec; a missing ``local`` entry means the embedded default."""
+        return self.models.get(name) or ModelSpec(provider="local")
+
+    def judge_model_names(self) -> list[str]:
+        """The models the judges in ``judges.use`` run on, in first-use order."""
+        return list(dict.fromkeys(self.judges.model_of(name) for name in self.judges.use))
+
+    def model_names_in_use(self) -> list[str]:
+        """Every model a role or a judge calls, each once."""
+        roles = [self.model_for(r)[0] for r in ("tutor", "student", "judge")]
+        return list(dict.fromkeys(roles + self.judge_model_names()))
+
     def local_model_names(self) -> set[str]:
-        """Names of the models the roles use that are the embedded model."""
-        roles = ("tutor", "student", "judge")
-        return {self.model_for(r)[0] for r in roles if self.model_for(r)[1].provider == "local"}
+        """Names of the models in use that are the embedded model."""
+        return {name for name in self.model_names_in_use() if self.model_spec(name).provider == "local"}
 
     def uses_local(self) -> bool:
         return bool(self.local_model_names())
@@ -253,6 +387,13 @@ def context_needed(matrix: Matrix) -> int:
     topic fields + its answer) or the tutor's last turn (system prompt + history + reply).
     """
     longest = 0
+    # The built-in templates fit in _JUDGE_TEMPLATE_TOKENS with phoenix's wrapping; a longer custom
+    # prompt (plus the persona and misconception columns it may read) needs its own length on top.
+    built_in_length = max(len(d.template) for d in _BUILTIN_JUDGES.values())
+    longest_persona = max(_tokens(p.description) + sum(_tokens(t) for t in p.traits) for p in matrix.personas)
+    judge_template = _JUDGE_TEMPLATE_TOKENS + longest_persona + max(
+        [0] + [_tokens(d.template) - built_in_length // _CHARS_PER_TOKEN for d in matrix.judges.definitions()]
+    )
     for topic in matrix.topics:
         history = (
             _tokens(topic.opening)
@@ -260,11 +401,12 @@ def context_needed(matrix: Matrix) -> int:
             + (2 * matrix.max_turns + 1) * _PER_MESSAGE_OVERHEAD
         )
         judge = (
-            _JUDGE_TEMPLATE_TOKENS
+            judge_template
             + history
             + _tokens(topic.reference)
             + _tokens(topic.goal)
             + _tokens(topic.name)
+            + sum(_tokens(m) for m in topic.misconceptions)
             + matrix.judges.max_tokens
         )
         tutor_system = max(_tokens(matrix.render_tutor_prompt(v, topic)) for v in matrix.tutor.variants)
@@ -482,6 +624,17 @@ def _check_references(matrix: Matrix, lines: "_LineIndex", source: str) -> list[
             except jinja2.TemplateError as exc:
                 at(("tutor", "variants", variant), f"template error: {exc}")
                 break
+    known = list(BUILTIN_JUDGES) + list(matrix.judges.custom)
+    for i, name in enumerate(matrix.judges.use):
+        if name not in known:
+            at(("judges", "use", i), f"unknown judge {name!r}; built-in judges: {', '.join(BUILTIN_JUDGES)}; "
+               f"custom judges: {', '.join(matrix.judges.custom) or 'none (define them under judges.custom)'}")
+    for name, custom in matrix.judges.custom.items():
+        if name not in matrix.judges.use:
+            at(("judges", "custom", name), f"custom judge {name!r} is defined but not in judges.use; add it there")
+        if custom.model is not None and custom.model not in matrix.models and custom.model != DEFAULT_MODEL:
+            at(("judges", "custom", name, "model"),
+               f"unknown model {custom.model!r}; declare it under models: (known: {sorted(matrix.models) or 'none'})")
     for dim in matrix.gates:
         if dim not in matrix.judges.use:
             at(("gates", dim), f"gate on {dim!r}, which is not a judge in judges.use {matrix.judges.use}")
@@ -532,21 +685,22 @@ class _LineIndex:
         node = self.root
         best = node.start_mark.line + 1 if node is not None else 1
         for part in loc:
-            child = self._child(node, part)
-            if child is None:
+            found = self._child(node, part)
+            if found is None:
                 break
-            node = child
-            best = node.start_mark.line + 1
+            marker, node = found
+            best = marker.start_mark.line + 1
         return best
 
     @staticmethod
-    def _child(node: Optional[yaml.Node], part: Any) -> Optional[yaml.Node]:
+    def _child(node: Optional[yaml.Node], part: Any) -> Optional[tuple[yaml.Node, yaml.Node]]:
+        """(the node whose line names ``part``, the node to descend into)."""
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 if key.value == part:
                     # Point at the key: that is where a user looks for the field.
-                    return value if isinstance(value, (yaml.MappingNode, yaml.SequenceNode)) else key
+                    return key, value
             return None
         if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            return node.value[part]
+            return node.value[part], node.value[part]
         return None

@@ -18,8 +18,7 @@ from typing import Any, Iterator, Optional
 from tqdm import tqdm
 
 from . import __version__
-from .evaluators.builtin import BUILTIN
-from .evaluators.judges import JudgeInput, judge_sessions
+from .evaluators.judges import JudgeInput, judge_sessions, persona_text
 from .evaluators.sessions import rebuild_sessions
 from .matrix import Matrix
 from .models.cache import ResponseCache
@@ -171,24 +170,35 @@ async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress,
         await tutor.client.close()
         await student.client.close()
     if judge:
-        await _judge_run(matrix, run_id, store, endpoints["judge"], cache, limiters[endpoints["judge"].name], progress, counters)
+        await _judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters)
 
 
-async def _judge_run(matrix, run_id, store, endpoint, cache, limiter, progress, counters) -> None:
-    """Judge every completed session that has no verdict yet, reading transcripts from the trace store."""
+def judge_input_for(matrix: Matrix, transcript, session: dict) -> JudgeInput:
+    """What the judges may read about a simulated session besides its transcript."""
+    topic = matrix.topic(session["topic"])
+    persona = matrix.persona(session["persona"])
+    return JudgeInput(transcript, session["sample_id"], topic.name, topic.opening, topic.reference, topic.goal,
+                      subject=topic.subject, misconceptions="\n".join(topic.misconceptions) or None,
+                      persona=persona_text(persona))
+
+
+async def _judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters) -> None:
+    """Judge every completed session that has no verdict yet, reading transcripts from the trace store.
+
+    Built-in and custom judges take the same path; judges are grouped by the model they run on.
+    """
     latest = {s["session_id"]: s for s in store.latest_sessions() if s["status"] == "completed"}
     done = {(j.session_id, j.judge) for j in store.judgements()}
     transcripts = [t for t in rebuild_sessions(spans_dataframe(store, f"{run_id}/")) if t.session_id in latest]
-    definitions = [BUILTIN[name] for name in matrix.judges.use]
+    definitions = matrix.judges.definitions()
     # A resumed run may have some judges done for a session: ask only for the missing ones.
-    groups: dict[tuple[str, ...], list[JudgeInput]] = {}
+    groups: dict[tuple[str, tuple[str, ...]], list[JudgeInput]] = {}
     for t in transcripts:
-        missing = tuple(d.name for d in definitions if (t.session_id, d.name) not in done)
-        if missing:
-            session = latest[t.session_id]
-            topic = matrix.topic(session["topic"])
-            groups.setdefault(missing, []).append(
-                JudgeInput(t, session["sample_id"], topic.name, topic.opening, topic.reference, topic.goal))
+        missing = [d.name for d in definitions if (t.session_id, d.name) not in done]
+        for model in matrix.judge_model_names():
+            names = tuple(n for n in missing if matrix.judges.model_of(n) == model)
+            if names:
+                groups.setdefault((model, names), []).append(judge_input_for(matrix, t, latest[t.session_id]))
 
     by_status = {"error": 0, "skipped": 0}
 
@@ -199,11 +209,13 @@ async def _judge_run(matrix, run_id, store, endpoint, cache, limiter, progress, 
         bar.set_postfix_str(f"error={by_status['error']} skipped={by_status['skipped']} "
                             f"retries={counters.retries} 429s={counters.rate_limited}", refresh=False)
 
-    total = sum(len(inputs) * len(names) for names, inputs in groups.items())
+    total = sum(len(inputs) * len(names) for (_, names), inputs in groups.items())
     with tqdm(total=total, desc="judgements", unit="judgement", disable=not progress or not total,
               file=sys.stderr, dynamic_ncols=True) as bar:
-        for names, inputs in groups.items():
-            await judge_sessions(inputs, [BUILTIN[n] for n in names], endpoint, cache, limiter, save,
+        for (model, names), inputs in groups.items():
+            endpoint = endpoints[f"judge:{model}"]
+            await judge_sessions(inputs, [matrix.judges.definition(n) for n in names], endpoint, cache,
+                                 limiters[endpoint.name], save,
                                  concurrency=matrix.concurrency, max_tokens=matrix.judges.max_tokens,
                                  temperature=matrix.judges.temperature, progress=bar)
 

@@ -51,6 +51,8 @@ def test_init_writes_a_starter_that_validates_on_the_embedded_model(tmp_path):
     matrix = load_matrix(path)
     assert matrix.uses_local() and {matrix.model_for(r)[1].provider for r in ("tutor", "student", "judge")} == {"local"}
     assert not matrix.gates  # nothing the embedded model cannot pass
+    # it shows a custom judge, which runs
+    assert matrix.judges.custom and set(matrix.judges.custom) <= set(matrix.judges.use)
 
 
 def test_init_refuses_to_overwrite_without_force(tmp_path):

@@ -47,6 +47,15 @@ class JudgeInput:
     opening: Optional[str] = None
     reference: Optional[str] = None
     goal: Optional[str] = None
+    subject: Optional[str] = None
+    misconceptions: Optional[str] = None  # one per line
+    persona: Optional[str] = None  # name, description and traits, as ``persona_text`` writes them
+
+
+def persona_text(persona: Any) -> str:
+    """A persona as a judge reads it (the ``{persona}`` column): name, description, traits."""
+    traits = "".join(f"\n- {t}" for t in getattr(persona, "traits", []) or [])
+    return f"{persona.name}: {persona.description}" + (f"\nTraits:{traits}" if traits else "")
 
 
 OnJudgement = Callable[[Judgement, list[CallRecord]], None]
@@ -175,6 +184,9 @@ async def judge_sessions(
             "opening": item.opening or "",
             "reference": item.reference or "",
             "goal": item.goal or "",
+            "subject": item.subject or "",
+            "misconceptions": item.misconceptions or "",
+            "persona": item.persona or "",
         }
         for item in inputs
         for index in range(judge_samples)
