@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .evaluators.builtin import BUILTIN as _BUILTIN_JUDGES
-from .evaluators.builtin import JudgeDefinition
+from .evaluators.builtin import JudgeDefinition, Prefilter
 from .personas import builtin_personas
 from .personas.prompt import student_system_prompt
 from .records import Sample
@@ -144,6 +144,37 @@ def template_variables(template: str) -> list[str]:
         raise ValueError(f"template error: {exc} (a literal brace cannot appear in a judge prompt)") from None
 
 
+class PrefilterSpec(_Strict):
+    """``when:`` of a custom judge: the cheap first stage of multi-stage judging."""
+
+    text: Literal["transcript", "tutor", "student"] = "transcript"
+    """Which text the rule reads: the whole transcript, the tutor's messages or the student's."""
+    regex: Optional[str] = Field(default=None, min_length=1)
+    min_chars: Optional[int] = Field(default=None, ge=0)
+    max_chars: Optional[int] = Field(default=None, ge=0)
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> "PrefilterSpec":
+        if self.regex is None and self.min_chars is None and self.max_chars is None:
+            raise ValueError("when: needs at least one of regex, min_chars, max_chars")
+        if self.min_chars is not None and self.max_chars is not None and self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars {self.min_chars} is above max_chars {self.max_chars}: no session could pass")
+        return self
+
+    def prefilter(self) -> Prefilter:
+        return Prefilter(self.text, self.regex, self.min_chars, self.max_chars)
+
+
 class CustomJudgeSpec(_Strict):
     """A session judge written in the matrix: it runs through the same judge path as the built-ins."""
 
@@ -156,6 +187,8 @@ class CustomJudgeSpec(_Strict):
     direction: Literal["maximize", "minimize"] = "maximize"
     model: Optional[str] = None
     """A name from ``models``; default: ``judges.model``."""
+    when: Optional[PrefilterSpec] = None
+    """A cheap rule deciding which sessions this judge reads; the others record ``skipped``."""
 
     @field_validator("prompt")
     @classmethod
@@ -201,6 +234,7 @@ class CustomJudgeSpec(_Strict):
             requires=tuple(v for v in OPTIONAL_JUDGE_INPUTS if v in used),
             direction=self.direction,
             passing=frozenset(self.passing) if self.passing is not None else None,
+            prefilter=self.when.prefilter() if self.when is not None else None,
         )
 
 

@@ -68,6 +68,11 @@ def test_custom_judge_runs_end_to_end_and_reaches_the_report(make_fake, write_ma
         labels = request["response_format"]["json_schema"]["schema"]["properties"]["label"]["enum"]
         assert labels == ["withholds", "reveals"]
 
+    # the student model got the persona's prompt, new fields included
+    student_system = fake.requests_of("student")[0]["messages"][0]["content"]
+    assert "after 3 tutor replies that do not help you" in student_system
+    assert persona["stop_when"] in student_system
+
     dims = run.summary()["dimensions"]
     assert dims["reveals_answer"]["overall"]["fail"] == 2 and dims["reveals_answer"]["overall"]["fail_rate"] == 1.0
     assert "reveals_answer" in (out / "report.html").read_text()
@@ -109,6 +114,38 @@ def test_custom_judge_on_its_own_model_and_skipped_without_its_input(make_fake, 
     assert len(strict.requests_of("judge")) == 2 and strict.roles["tutor"] == 0
     assert all("Did the student reach" not in _prompt_of(r) for r in main.requests_of("judge"))
     assert len(main.requests_of("judge")) == 4  # coherence on 2 variants x 2 topics
+
+
+def test_multi_stage_a_rule_picks_the_sessions_the_judge_reads(make_fake, write_matrix, tmp_path, open_run):
+    # The direct variant's tutor gives the answer away; only those sessions should reach the judge.
+    def tutor(request: dict) -> str:
+        system = request["messages"][0]["content"]
+        return "The answer is 5/6." if "Explain clearly" in system else "What is a common denominator of 2 and 3?"
+
+    fake = make_fake(tutor=tutor, judge_label=lambda prompt, labels: "reveals" if MARKER in prompt else labels[0])
+    judge = {**REVEALS, "when": {"text": "tutor", "regex": "(?i)answer is"}}
+    matrix = _with_custom(fake.base_url, reveals_answer=judge, long_talk={
+        "prompt": "Is this long session still on topic? {transcript}", "choices": {"on": 1, "off": 0},
+        "when": {"min_chars": 100000},
+    })
+    path = write_matrix(matrix)
+    out = tmp_path / "run"
+    result = run_cli(path, out, "--cache", tmp_path / "cache.sqlite")
+    assert result.exit_code == 0, result.output
+
+    run = open_run(out)
+    variant_of = {s["session_id"]: s["variant"] for s in run.sessions()}
+    verdicts = {variant_of[j["session_id"]]: j for j in run.judgements() if j["judge"] == "reveals_answer"}
+    assert verdicts["direct"]["status"] == "ok" and verdicts["direct"]["label"] == "reveals"
+    assert verdicts["socratic"]["status"] == "skipped" and "answer is" in verdicts["socratic"]["error"]
+    assert verdicts["socratic"]["passed"] is None  # skipped is not a pass
+    long_talk = [j for j in run.judgements() if j["judge"] == "long_talk"]
+    assert len(long_talk) == 2 and all(j["status"] == "skipped" and "100000" in j["error"] for j in long_talk)
+    # the expensive judge read only the selected session
+    assert len([r for r in fake.requests_of("judge") if MARKER in _prompt_of(r)]) == 1
+    assert not [r for r in fake.requests_of("judge") if "still on topic" in _prompt_of(r)]
+    overall = run.summary()["dimensions"]["reveals_answer"]["overall"]
+    assert overall["skipped"] == 1 and overall["judged"] == 1 and overall["fail"] == 1
 
 
 def test_custom_judges_run_by_default_when_use_is_omitted(fake):
@@ -165,6 +202,12 @@ BAD = [
                  id="unknown-model"),
     pytest.param(_bad({"x": _judge(colour="red")}), "judges.custom.x.colour", ["colour:"], "unknown field",
                  id="unknown-field"),
+    pytest.param(_bad({"x": _judge(when={"regex": "(unclosed"})}), "judges.custom.x.when.regex", ["regex:"],
+                 "regular expression", id="prefilter-bad-regex"),
+    pytest.param(_bad({"x": _judge(when={"text": "tutor"})}), "judges.custom.x.when", ["when:"], "at least one",
+                 id="prefilter-without-rule"),
+    pytest.param(_bad({"x": _judge(when={"text": "judge", "min_chars": 3})}), "judges.custom.x.when.text",
+                 ["text: judge"], "transcript", id="prefilter-bad-text"),
     pytest.param(_bad({"x": REVEALS}, use=["coherence"]), "judges.custom.x", ["x:"], "not in judges.use",
                  id="defined-not-used"),
     pytest.param(_bad({"x": REVEALS}, use=["coherence", "x", "y"]), "judges.use[2]", ["- y"], "unknown judge 'y'",

@@ -7,13 +7,43 @@ Variables: ``{transcript}``, ``{topic}``, ``{opening}``, ``{reference}``, ``{goa
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
+
+# Columns of a judge row besides the template variables: what a pre-filter may read.
+PREFILTER_TEXTS = {"transcript": "transcript", "tutor": "tutor_text", "student": "student_text"}
+
+
+@dataclass(frozen=True)
+class Prefilter:
+    """A cheap rule that picks the sessions an (expensive) judge reads; the others record ``skipped``.
+
+    Every condition given must hold on the chosen text: ``regex`` must match somewhere in it
+    (Python ``re.search``), and its length must lie within ``min_chars``..``max_chars``.
+    """
+
+    text: Literal["transcript", "tutor", "student"] = "transcript"
+    regex: Optional[str] = None
+    min_chars: Optional[int] = None
+    max_chars: Optional[int] = None
+
+    def reason_to_skip(self, row: dict) -> Optional[str]:
+        """None when the session is selected; otherwise why it is not (recorded with ``skipped``)."""
+        value = str(row.get(PREFILTER_TEXTS[self.text]) or "")
+        if self.regex is not None and not re.search(self.regex, value):
+            return f"pre-filter: no match for /{self.regex}/ in the {self.text} text"
+        if self.min_chars is not None and len(value) < self.min_chars:
+            return f"pre-filter: the {self.text} text has {len(value)} characters, fewer than {self.min_chars}"
+        if self.max_chars is not None and len(value) > self.max_chars:
+            return f"pre-filter: the {self.text} text has {len(value)} characters, more than {self.max_chars}"
+        return None
 
 
 @dataclass(frozen=True)
 class JudgeDefinition:
-    """A session judge. ``choices`` maps labels to scores; ``passing`` defaults to the top-scored labels."""
+    """A session judge. ``choices`` maps labels to scores; ``passing`` defaults to the top-scored labels;
+    ``prefilter`` (optional) picks the sessions it reads."""
 
     name: str
     template: str
@@ -21,6 +51,7 @@ class JudgeDefinition:
     requires: tuple[str, ...] = ()
     direction: Literal["maximize", "minimize"] = "maximize"
     passing: Optional[frozenset[str]] = field(default=None)
+    prefilter: Optional[Prefilter] = None
 
     def pass_labels(self) -> frozenset[str]:
         if self.passing is not None:

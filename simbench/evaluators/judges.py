@@ -103,6 +103,11 @@ class SessionJudge(ClassificationEvaluator):
             self._report(key, Judgement(session_id, self.name, self.judge_model, judge_sample, "skipped",
                                         error=f"no {', '.join(missing)} for this session"))
             return []
+        not_selected = self.definition.prefilter.reason_to_skip(eval_input) if self.definition.prefilter else None
+        if not_selected:
+            self._report(key, Judgement(session_id, self.name, self.judge_model, judge_sample, "skipped",
+                                        error=not_selected))
+            return []
         scope = CallScope("judge", eval_input["sample_key"], judge_sample)
         try:
             with call_scope(scope):
@@ -180,6 +185,9 @@ async def judge_sessions(
             "sample_key": item.sample_key,
             "judge_sample": index,
             "transcript": item.transcript.render(),
+            # for pre-filters (multi-stage judging): each side's messages alone
+            "tutor_text": "\n\n".join(m.content for m in item.transcript.messages if m.role == "tutor"),
+            "student_text": "\n\n".join(m.content for m in item.transcript.messages if m.role == "student"),
             "topic": item.topic,
             "opening": item.opening or "",
             "reference": item.reference or "",
