@@ -57,6 +57,10 @@ def _print_outcome(outcome) -> None:
         o = d["overall"]
         rate = "–" if o["fail_rate"] is None else f"{100 * o['fail_rate']:.0f}%"
         click.echo(f"  {dim:<16} fail rate {rate:>4}  ({o['fail']}/{o['judged']} judged; {o['error']} error, {o['skipped']} skipped)")
+    sim = outcome.summary.get("simulator_errors")
+    if sim and sim["overall"]["flagged"]:
+        click.echo(f"  simulator errors: {sim['overall']['flagged']}/{sim['overall']['judged']} sessions "
+                   "(the student broke character; left out of the tutor's rates)")
     click.echo(f"report:  {outcome.report_path}")
     click.echo(f"summary: {outcome.summary_path}")
     for failure in outcome.gate_failures:

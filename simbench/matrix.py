@@ -16,15 +16,18 @@ import jinja2
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .evaluators.builtin import BUILTIN as _BUILTIN_JUDGES
-from .evaluators.builtin import JudgeDefinition, Prefilter
+from .evaluators.builtin import BUILTIN as _TUTOR_JUDGES
+from .evaluators.builtin import SIMULATOR_JUDGES, JudgeDefinition, Prefilter
 from .personas import builtin_personas
 from .personas.prompt import student_system_prompt
 from .records import Sample
 from .scenarios import builtin_topics
 
 IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]*$")
+# Every built-in judge a matrix may name; the default ``judges.use`` is the tutor's judges only.
+_BUILTIN_JUDGES = {**_TUTOR_JUDGES, **SIMULATOR_JUDGES}
 BUILTIN_JUDGES = tuple(_BUILTIN_JUDGES)
+DEFAULT_JUDGES = tuple(_TUTOR_JUDGES)
 DEFAULT_MODEL = "local"
 
 # SmolLM2-135M-Instruct was trained with 8,192 tokens of context; a slot cannot hold more.
@@ -242,8 +245,8 @@ class JudgesSpec(_Strict):
     """Session judges: built-ins and custom ones, which of them run, and the model they run on."""
 
     model: str = DEFAULT_MODEL
-    use: list[str] = Field(default_factory=lambda: list(BUILTIN_JUDGES), min_length=1)
-    """Judges that run; default: every built-in and every custom judge."""
+    use: list[str] = Field(default_factory=lambda: list(DEFAULT_JUDGES), min_length=1)
+    """Judges that run; default: the four built-in tutor judges and every custom judge."""
     custom: dict[str, CustomJudgeSpec] = Field(default_factory=dict)
     max_tokens: int = Field(default=256, gt=0)
     temperature: float = Field(default=0.0, ge=0)
@@ -269,7 +272,7 @@ class JudgesSpec(_Strict):
     @model_validator(mode="after")
     def _default_use_includes_custom(self) -> "JudgesSpec":
         if "use" not in self.model_fields_set:
-            self.use = list(BUILTIN_JUDGES) + list(self.custom)
+            self.use = list(DEFAULT_JUDGES) + list(self.custom)
         return self
 
     def definitions(self) -> list[JudgeDefinition]:

@@ -110,3 +110,28 @@ CORRECTNESS = JudgeDefinition(
 )
 
 BUILTIN = {j.name: j for j in (COHERENCE, GOAL_COMPLETION, FRUSTRATION, CORRECTNESS)}
+"""The built-in judges of the tutor (the default ``judges.use``)."""
+
+# A judge of the *student*: LLM student simulators break character, solve the problem themselves or
+# stop for no reason of their persona, and such a session says nothing about the tutor.
+SIMULATOR_FIDELITY = JudgeDefinition(
+    name="simulator_fidelity",
+    template=(
+        "You are checking a SIMULATED student in a tutoring conversation about {topic}. A language model "
+        "played the student and was told to play this persona:\n{persona}\n\n"
+        "<conversation>\n{transcript}\n</conversation>\n\n"
+        "Question: did the simulated student stay a believable student of this persona for the whole "
+        "session? It is out of character if it acts as the tutor (explains or teaches the topic), solves the "
+        "problem or states the full correct answer on its own before the tutor has led it there, knows what "
+        "this student should not know, drops the persona's traits (for example long polished replies from a "
+        "terse student), or ends the session for a reason its persona would not. Being wrong, confused, rude, "
+        "slow or off topic is in character when the persona says so.\n"
+        'Answer "in_character" or "out_of_character", with a one-sentence explanation.'
+    ),
+    choices={"in_character": 1.0, "out_of_character": 0.0},
+    requires=("persona",),
+)
+SIMULATOR_JUDGES = {SIMULATOR_FIDELITY.name: SIMULATOR_FIDELITY}
+"""Built-in judges of the simulated student. A session one of them fails is a simulator error: it
+leaves every tutor rate and, in comparisons, its pair drops out on both sides."""
+SIMULATOR_JUDGE = SIMULATOR_FIDELITY.name

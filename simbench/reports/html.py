@@ -25,6 +25,7 @@ from typing import Any, Optional
 import jinja2
 from markupsafe import Markup
 
+from ..evaluators.builtin import SIMULATOR_JUDGES
 from ..evaluators.sessions import rebuild_sessions
 from ..store import RunStore
 from ..tracing.local import spans_dataframe
@@ -114,6 +115,9 @@ def session_views(store: RunStore, prefix: str = "s", baseline: Optional[str] = 
         tokens += [f"{dim}:{j.label}" for dim, j in by_dim.items() if j.status == "ok" and j.label]
         if s["status"] != "completed":
             tokens.append(f"_:@{s['status']}")
+        simulator_error = any(outcomes.get(name) == "fail" for name in SIMULATOR_JUDGES)
+        if simulator_error:
+            tokens.append("_:@simulator_error")
         views.append({
             **s,
             "anchor": f"{prefix}-{n}",
@@ -125,6 +129,7 @@ def session_views(store: RunStore, prefix: str = "s", baseline: Optional[str] = 
             "labels": " ".join(t.replace(" ", "_") for t in tokens),
             "usage": usage.get(s["session_id"], {}),
             "failed": failed,
+            "simulator_error": simulator_error,
             "rank": 0 if s["status"] == "errored" else (1 if failed else 2),
         })
     return views

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .. import __version__
+from ..evaluators.builtin import SIMULATOR_JUDGES
 from ..store import RunStore
 from .outcomes import SampleOutcome, by_pair_key, compare_matchups, load_outcomes
 from .stats import ALPHA, CONFIDENCE, pass_hat, rate_fields
@@ -34,7 +35,7 @@ STATISTICS = {
 
 
 def _empty_counts() -> dict[str, Any]:
-    return {"pass": 0, "fail": 0, "error": 0, "skipped": 0}
+    return {"pass": 0, "fail": 0, "error": 0, "skipped": 0, "simulator_error": 0}
 
 
 def _finish(counts: dict[str, Any]) -> dict[str, Any]:
@@ -50,7 +51,7 @@ def breakdowns(outcomes: list[SampleOutcome], dimensions: list[str]) -> dict[str
         d: dict[str, Any] = {"overall": _empty_counts(), **{key: defaultdict(_empty_counts) for key in BREAKDOWNS}}
         for o in outcomes:
             outcome = o.outcome(dim)
-            if outcome not in ("pass", "fail", "error", "skipped"):
+            if outcome not in ("pass", "fail", "error", "skipped", "simulator_error"):
                 continue
             for counts in (d["overall"], *(d[key][getattr(o.sample, attr)] for key, attr in BREAKDOWNS.items())):
                 counts[outcome] += 1
@@ -59,6 +60,29 @@ def breakdowns(outcomes: list[SampleOutcome], dimensions: list[str]) -> dict[str
             d[key] = {name: _finish(c) for name, c in d[key].items()}
         result[dim] = d
     return result
+
+
+def simulator_errors(outcomes: list[SampleOutcome], judges: list[str]) -> Optional[dict[str, Any]]:
+    """Sessions a simulator judge flagged, overall and per persona (None when no simulator judge ran).
+
+    A persona with a high share does not work as written: fix the persona, not the tutor.
+    """
+    used = [j for j in judges if j in SIMULATOR_JUDGES]
+    if not used:
+        return None
+
+    def counts(items: list[SampleOutcome]) -> dict[str, Any]:
+        judged = [o for o in items if any(o.outcome(j) in ("pass", "fail") for j in used)]
+        flagged = sum(1 for o in judged if o.simulator_error)
+        return {"flagged": flagged, "judged": len(judged), "share": flagged / len(judged) if judged else None}
+
+    personas = list(dict.fromkeys(o.sample.persona for o in outcomes))
+    return {
+        "judges": used,
+        "overall": counts(outcomes),
+        "by_persona": {p: counts([o for o in outcomes if o.sample.persona == p]) for p in personas},
+        "sessions": [o.session_id for o in outcomes if o.status == "completed" and o.simulator_error],
+    }
 
 
 def variant_comparisons(outcomes: list[SampleOutcome], variants: list[str], baseline: str,
@@ -124,6 +148,7 @@ def build_summary(store: RunStore) -> dict[str, Any]:
         ],
         "statistics": STATISTICS,
         "dimensions": breakdowns(outcomes, judges),
+        "simulator_errors": simulator_errors(outcomes, judges),
         "comparisons": variant_comparisons(outcomes, variants, baseline, judges) if baseline else {},
         "consistency": consistency(outcomes, variants, judges, repeats),
         "usage": usage_totals(store, {name: m["price"] for name, m in (matrix.get("models") or {}).items()
