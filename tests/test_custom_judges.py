@@ -223,3 +223,24 @@ def test_bad_custom_judges_exit_2_naming_field_and_line(build, field, needles, d
     assert result.exit_code == 2, result.output
     _check_message(result.stderr, path, text, field, needles, detail)
     assert fake.chat_calls == 0
+
+
+@pytest.mark.parametrize("name", ["coherence", "goal_completion", "frustration", "correctness", "simulator_fidelity"])
+def test_every_builtin_judge_uses_only_known_columns_and_renders_braces_safely(name):
+    """Built-ins obey the rules custom judges are held to, and phoenix.evals fills them without
+    reading the values as templates."""
+    from phoenix.evals.llm.prompts import PromptTemplate
+
+    from simbench.matrix import JUDGE_VARIABLES, OPTIONAL_JUDGE_INPUTS, template_variables
+    from simbench.matrix import _BUILTIN_JUDGES
+
+    definition = _BUILTIN_JUDGES[name]
+    used = template_variables(definition.template)
+    assert "transcript" in used and set(used) <= set(JUDGE_VARIABLES)
+    assert set(definition.requires) <= set(OPTIONAL_JUDGE_INPUTS) & set(used)
+    values = {v: f"value of {v} with {{braces}} and {{{{more}}}}" for v in JUDGE_VARIABLES}
+    rendered = PromptTemplate(template=definition.template).render(values)
+    text = "\n".join(str(m["content"] if isinstance(m, dict) else m.content) for m in rendered)
+    for v in used:
+        assert values[v] in text
+    assert definition.pass_labels() and definition.pass_labels() < set(definition.choices)
