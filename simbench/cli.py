@@ -61,6 +61,9 @@ def _print_outcome(outcome) -> None:
     if sim and sim["overall"]["flagged"]:
         click.echo(f"  simulator errors: {sim['overall']['flagged']}/{sim['overall']['judged']} sessions "
                    "(the student broke character; left out of the tutor's rates)")
+    for variant, per_dim in outcome.summary.get("comparisons", {}).items():
+        for dim, c in per_dim.items():
+            click.echo(f"  {variant} vs {c['baseline']} / {dim}: {c['statement']}")
     click.echo(f"report:  {outcome.report_path}")
     click.echo(f"summary: {outcome.summary_path}")
     for failure in outcome.gate_failures:
@@ -135,7 +138,10 @@ def validate(matrix: str) -> None:
 @click.option("--junit", "junit", type=click.Path(dir_okay=False), default=None,
               help="Also write JUnit XML: one test case per variant x dimension, failing when its gate fails.")
 def report(run_dir: str, open_: bool, junit: Optional[str]) -> None:
-    """Rebuild RUN_DIR/report.html and summary.json from the run's file (no model calls)."""
+    """Rebuild RUN_DIR/report.html and summary.json from the run's file (no model calls).
+
+    Exit codes: 0 done, 1 a gate of the run's matrix failed, 2 not a run directory.
+    """
     from .pipeline import RunError, rebuild_report
     from .reports.junit import write_junit
 
@@ -148,6 +154,8 @@ def report(run_dir: str, open_: bool, junit: Optional[str]) -> None:
         click.echo(f"junit:   {write_junit(outcome.summary, Path(junit))}")
     if open_:
         webbrowser.open(outcome.report_path.resolve().as_uri())
+    if outcome.gate_failures:
+        sys.exit(EXIT_GATE)
 
 
 @cli.command()
