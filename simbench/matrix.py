@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 import jinja2
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .evaluators.builtin import BUILTIN as _TUTOR_JUDGES
 from .evaluators.builtin import SIMULATOR_JUDGES, JudgeDefinition, Prefilter
@@ -121,7 +121,10 @@ JUDGE_VARIABLES = {
     "subject": "the topic's subject (optional)",
     "misconceptions": "the topic's misconceptions, one per line (optional)",
     "persona": "the persona's name, description and traits (optional)",
+    "reply": "per-turn judges only: the tutor reply being judged",
+    "context": "per-turn judges only: the conversation before that reply",
 }
+TURN_VARIABLES = ("reply", "context")
 OPTIONAL_JUDGE_INPUTS = ("reference", "goal", "subject", "misconceptions", "persona")
 
 
@@ -179,10 +182,17 @@ class PrefilterSpec(_Strict):
 
 
 class CustomJudgeSpec(_Strict):
-    """A session judge written in the matrix: it runs through the same judge path as the built-ins."""
+    """A judge written in the matrix: it runs through the same judge path as the built-ins.
 
+    ``scope: session`` (default) reads the whole session once; ``scope: turn`` reads each tutor turn
+    in its context (``{reply}``, ``{context}``), stores a verdict per turn (on the turn's span) and
+    one per session: fail if any turn failed.
+    """
+
+    scope: Literal["session", "turn"] = "session"  # declared before prompt: the prompt's check reads it
     prompt: str = Field(min_length=1)
-    """phoenix.evals template with ``{transcript}`` and any of ``JUDGE_VARIABLES``."""
+    """phoenix.evals template: ``{transcript}`` (session scope) or ``{reply}`` (turn scope), and any of
+    ``JUDGE_VARIABLES``."""
     choices: dict[str, float] = Field(min_length=2)
     """Label -> score; the judge answers with exactly one label."""
     passing: Optional[list[str]] = None
@@ -195,13 +205,19 @@ class CustomJudgeSpec(_Strict):
 
     @field_validator("prompt")
     @classmethod
-    def _known_variables(cls, v: str) -> str:
+    def _known_variables(cls, v: str, info: ValidationInfo) -> str:
         used = template_variables(v)
-        unknown = [name for name in used if name not in JUDGE_VARIABLES]
+        per_turn = info.data.get("scope") == "turn"
+        allowed = [k for k in JUDGE_VARIABLES if per_turn or k not in TURN_VARIABLES]
+        unknown = [name for name in used if name not in allowed]
         if unknown:
-            raise ValueError(f"unknown variable(s) {', '.join('{' + u + '}' for u in unknown)}; "
-                             f"a judge prompt can use {', '.join('{' + k + '}' for k in JUDGE_VARIABLES)}")
-        if "transcript" not in used:
+            turn_only = [u for u in unknown if u in TURN_VARIABLES]
+            hint = f" ({', '.join('{' + u + '}' for u in turn_only)}: only with scope: turn)" if turn_only else ""
+            raise ValueError(f"unknown variable(s) {', '.join('{' + u + '}' for u in unknown)}{hint}; "
+                             f"a judge prompt can use {', '.join('{' + k + '}' for k in allowed)}")
+        if per_turn and "reply" not in used:
+            raise ValueError("a per-turn judge prompt must contain {reply} (the tutor turn it judges)")
+        if not per_turn and "transcript" not in used:
             raise ValueError("a judge prompt must contain {transcript} (the judge reads the whole session)")
         return v
 
@@ -238,6 +254,7 @@ class CustomJudgeSpec(_Strict):
             direction=self.direction,
             passing=frozenset(self.passing) if self.passing is not None else None,
             prefilter=self.when.prefilter() if self.when is not None else None,
+            per_turn=self.scope == "turn",
         )
 
 

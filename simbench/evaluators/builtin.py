@@ -52,6 +52,8 @@ class JudgeDefinition:
     direction: Literal["maximize", "minimize"] = "maximize"
     passing: Optional[frozenset[str]] = field(default=None)
     prefilter: Optional[Prefilter] = None
+    per_turn: bool = False
+    """True: one verdict per tutor turn (rows carry ``turn``, ``reply``, ``context``), aggregated per session."""
 
     def pass_labels(self) -> frozenset[str]:
         if self.passing is not None:

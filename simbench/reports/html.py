@@ -103,6 +103,10 @@ def session_views(store: RunStore, prefix: str = "s", baseline: Optional[str] = 
     judgements: dict[str, list] = {}
     for j in store.judgements():
         judgements.setdefault(j.session_id, []).append(j)
+    turn_verdicts: dict[str, dict[int, list]] = {}
+    for j in store.turn_judgements():
+        if j.judge_sample == 0:
+            turn_verdicts.setdefault(j.session_id, {}).setdefault(j.turn, []).append(j)
     usage = store.usage_by_session()
     views = []
     for n, s in enumerate(store.latest_sessions(), start=1):
@@ -123,6 +127,7 @@ def session_views(store: RunStore, prefix: str = "s", baseline: Optional[str] = 
             "anchor": f"{prefix}-{n}",
             "baseline": s["variant"] == baseline,
             "messages": transcript.messages if transcript else [],
+            "turn_verdicts": turn_verdicts.get(s["session_id"], {}),
             "judgements": js,
             "by_dim": by_dim,
             "outcomes": outcomes,

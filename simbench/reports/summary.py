@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from .. import __version__
 from ..evaluators.builtin import SIMULATOR_JUDGES
+from ..evaluators.turns import first_failing_turn
 from ..store import RunStore
 from .outcomes import SampleOutcome, by_pair_key, compare_matchups, load_outcomes
 from .stats import ALPHA, CONFIDENCE, pass_hat, rate_fields
@@ -85,6 +86,38 @@ def simulator_errors(outcomes: list[SampleOutcome], judges: list[str]) -> Option
     }
 
 
+def turn_breakdowns(store: RunStore, outcomes: list[SampleOutcome], per_turn_judges: list[str]) -> dict[str, Any]:
+    """For every per-turn judge: at which turn sessions first fail, and the share of turns that pass.
+
+    Only sessions whose session verdict counts (pass or fail; no simulator error) are included.
+    """
+    if not per_turn_judges:
+        return {}
+    by_session: dict[tuple[str, str], list] = defaultdict(list)
+    for j in store.turn_judgements():
+        if j.judge_sample == 0:
+            by_session[(j.session_id, j.judge)].append(j)
+    result: dict[str, Any] = {}
+    for judge in per_turn_judges:
+        counted = [o for o in outcomes if o.outcome(judge) in ("pass", "fail")]
+        first: dict[str, int] = defaultdict(int)
+        turns_judged = turns_passed = 0
+        for o in counted:
+            turns = by_session.get((o.session_id, judge), [])
+            ok = [t for t in turns if t.status == "ok"]
+            turns_judged += len(ok)
+            turns_passed += sum(1 for t in ok if t.passed)
+            failing = first_failing_turn(turns)
+            first[str(failing) if failing is not None else "none"] += 1
+        result[judge] = {
+            "sessions": len(counted),
+            "first_failing_turn": dict(sorted(first.items(), key=lambda kv: (kv[0] == "none", int(kv[0]) if kv[0] != "none" else 0))),
+            "turns_judged": turns_judged,
+            "turn_pass_share": turns_passed / turns_judged if turns_judged else None,
+        }
+    return result
+
+
 def variant_comparisons(outcomes: list[SampleOutcome], variants: list[str], baseline: str,
                         dimensions: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
     """Every other variant against the baseline on every dimension, paired by pair key, one Holm family."""
@@ -149,6 +182,8 @@ def build_summary(store: RunStore) -> dict[str, Any]:
         "statistics": STATISTICS,
         "dimensions": breakdowns(outcomes, judges),
         "simulator_errors": simulator_errors(outcomes, judges),
+        "turns": turn_breakdowns(store, outcomes, [name for name in judges if
+                                                   ((matrix.get("judges") or {}).get("custom") or {}).get(name, {}).get("scope") == "turn"]),
         "comparisons": variant_comparisons(outcomes, variants, baseline, judges) if baseline else {},
         "consistency": consistency(outcomes, variants, judges, repeats),
         "usage": usage_totals(store, {name: m["price"] for name, m in (matrix.get("models") or {}).items()
