@@ -120,3 +120,38 @@ def test_bad_turn_judges_exit_2(judge, field, needle, detail, fake, write_matrix
     result = invoke("validate", path)
     assert result.exit_code == 2, result.output
     _check_message(result.stderr, path, text, field, [needle], detail)
+
+
+def test_a_schema_1_run_file_upgrades_and_reports(tmp_path):
+    """A run file written before per-turn judges opens, gains the table, and keeps its rows."""
+    import sqlite3
+
+    from simbench.store import MIGRATIONS, RunStore
+
+    path = tmp_path / "run.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[0]() + "\nPRAGMA user_version = 1;")
+    db.execute("INSERT INTO runs (run_id, matrix_name, matrix_source, matrix_fingerprint, matrix_json, simbench_version,"
+               " status, created_at) VALUES ('r', 'm', 'm.yaml', 'fp', '{}', '0', 'finished', 0)")
+    db.commit()
+    db.close()
+    store = RunStore(path)
+    try:
+        assert store.schema_version == len(MIGRATIONS) >= 2
+        assert store.run()["run_id"] == "r"
+        assert store.turn_judgements() == []
+    finally:
+        store.close()
+
+
+def test_a_prefilter_on_a_turn_judge_picks_turns(make_fake, write_matrix, tmp_path, open_run):
+    fake = make_fake(tutor=_tutor, judge_label=lambda prompt, labels: "reveals" if MARKER in prompt else labels[0])
+    matrix = base_matrix(fake.base_url, max_turns=3)
+    matrix["tutor"]["variants"] = {"socratic": matrix["tutor"]["variants"]["socratic"]}
+    matrix["judges"]["custom"] = {"reveals_turn": {**TURN_JUDGE, "when": {"text": "tutor", "regex": "answer is"}}}
+    matrix["judges"]["use"] = ["reveals_turn"]
+    result = run_cli(write_matrix(matrix), tmp_path / "run", "--cache", tmp_path / "cache.sqlite")
+    assert result.exit_code == 0, result.output
+    turns = open_run(tmp_path / "run").rows("SELECT turn, status, label FROM turn_evaluations ORDER BY turn")
+    assert [(t["turn"], t["status"]) for t in turns] == [(1, "skipped"), (2, "ok"), (3, "skipped")]
+    assert len([r for r in fake.requests_of("judge") if MARKER in _prompt_of(r)]) == 1

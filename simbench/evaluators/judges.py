@@ -191,8 +191,9 @@ def turn_rows(item: JudgeInput, judge_sample: int) -> list[dict]:
             continue
         turn = len(rows) + 1
         before = Transcript(item.transcript.session_id, "", messages[:index])
+        # a pre-filter with ``text: tutor`` reads this turn's reply only
         rows.append({**base, "turn": turn, "reply": message.content, "context": before.render(),
-                     "span_id": span_ids[turn - 1] if turn <= len(span_ids) else ""})
+                     "tutor_text": message.content, "span_id": span_ids[turn - 1] if turn <= len(span_ids) else ""})
     return rows
 
 
