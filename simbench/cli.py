@@ -57,6 +57,10 @@ def _print_outcome(outcome) -> None:
         o = d["overall"]
         rate = "–" if o["fail_rate"] is None else f"{100 * o['fail_rate']:.0f}%"
         click.echo(f"  {dim:<16} fail rate {rate:>4}  ({o['fail']}/{o['judged']} judged; {o['error']} error, {o['skipped']} skipped)")
+    sim = outcome.summary.get("simulator_errors")
+    if sim and sim["overall"]["flagged"]:
+        click.echo(f"  simulator errors: {sim['overall']['flagged']}/{sim['overall']['judged']} sessions "
+                   "(the student broke character; left out of the tutor's rates)")
     for variant, per_dim in outcome.summary.get("comparisons", {}).items():
         for dim, c in per_dim.items():
             click.echo(f"  {variant} vs {c['baseline']} / {dim}: {c['statement']}")
@@ -303,6 +307,97 @@ def install_model(force: bool) -> None:
     except Exception as exc:
         _fail(f"installing the embedded model failed: {exc}", EXIT_RUN)
     click.echo(f"installed: {embedded.server_binary()} with {embedded.model_file().name}")
+
+
+# -- the libraries and the starter matrix ---------------------------------------------------------
+
+
+def _show_entry(kind: str, library: dict[str, dict], name: str) -> dict:
+    if name not in library:
+        _fail(f"unknown {kind} {name!r}; built-in {kind}s: {', '.join(sorted(library))}", EXIT_INPUT)
+    return library[name]
+
+
+def _dump_yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+
+
+@cli.group()
+def personas() -> None:
+    """The built-in student personas (use them by name in a matrix, or extend them)."""
+
+
+@personas.command("list")
+def personas_list() -> None:
+    """Every built-in persona, with who it is."""
+    from .personas import builtin_personas
+
+    library = builtin_personas()
+    width = max(len(n) for n in library)
+    for name, fields in library.items():
+        click.echo(f"{name:<{width}}  {fields['description']}")
+
+
+@personas.command("show")
+@click.argument("name")
+@click.option("--topic", "topic_key", default=None, metavar="TOPIC",
+              help="Also print the student prompt this persona gets for a built-in topic.")
+def personas_show(name: str, topic_key: Optional[str]) -> None:
+    """Every field of the built-in persona NAME, as YAML you can copy into a matrix."""
+    from .matrix import Persona, Topic
+    from .personas import builtin_personas
+    from .personas.prompt import student_system_prompt
+    from .scenarios import builtin_topics
+
+    fields = _show_entry("persona", builtin_personas(), name)
+    click.echo(_dump_yaml({name: fields}), nl=False)
+    if topic_key is not None:
+        topic = Topic(**_show_entry("topic", builtin_topics(), topic_key))
+        click.echo(f"\n# the student prompt for topic {topic_key}:")
+        click.echo(student_system_prompt(Persona(name=name, **fields), topic))
+
+
+@cli.group()
+def topics() -> None:
+    """The built-in topics (use them by key in a matrix)."""
+
+
+@topics.command("list")
+def topics_list() -> None:
+    """Every built-in topic, with its subject and opening question."""
+    from .scenarios import builtin_topics
+
+    library = builtin_topics()
+    width = max(len(k) for k in library)
+    for key, fields in library.items():
+        click.echo(f"{key:<{width}}  {fields.get('subject') or '-':<12} {fields['opening']}")
+
+
+@topics.command("show")
+@click.argument("key")
+def topics_show(key: str) -> None:
+    """Every field of the built-in topic KEY, as YAML."""
+    from .scenarios import builtin_topics
+
+    click.echo(_dump_yaml({key: _show_entry("topic", builtin_topics(), key)}), nl=False)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(dir_okay=False), default="matrix.yaml")
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+def init(path: str, force: bool) -> None:
+    """Write a commented starter matrix to PATH (default: matrix.yaml) that runs at once on the embedded model."""
+    from importlib import resources
+
+    target = Path(path)
+    if target.exists() and not force:
+        _fail(f"{target} exists; pass --force to overwrite it", EXIT_INPUT)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(resources.files(__package__).joinpath("starter_matrix.yaml").read_text(encoding="utf-8"),
+                      encoding="utf-8")
+    click.echo(f"wrote {target}. Next: simbench validate {target} && simbench run {target}")
 
 
 def main() -> None:

@@ -111,8 +111,7 @@ def judge_spans(
             endpoints = _endpoints(matrix, local_url)
             counters = RunCounters()
             limiters = limiters_for(matrix, counters)
-            judge = endpoints["judge"]
-            asyncio.run(_judge_run(matrix, run_id, store, judge, cache, limiters[judge.name], progress, counters,
+            asyncio.run(_judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters,
                                    spans_dataframe(store)))
         store.finish_run("finished")
         if log_to is not None:

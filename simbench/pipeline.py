@@ -19,10 +19,10 @@ from opentelemetry.sdk.trace import SpanProcessor, SynchronousMultiSpanProcessor
 from tqdm import tqdm
 
 from . import __version__
-from .evaluators.builtin import BUILTIN
-from .evaluators.judges import JudgeInput, judge_sessions
+from .evaluators.judges import JudgeInput, judge_sessions, persona_text
 from .evaluators.logback import push_judgements, run_selection
 from .evaluators.sessions import rebuild_sessions
+from .evaluators.turns import aggregate_turns
 from .matrix import Matrix
 from .models.cache import ResponseCache
 from .models.embedded import EmbeddedModelError, EmbeddedServer, slot_context
@@ -233,44 +233,81 @@ async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress,
         await tutor.client.close()
         await student.client.close()
     if judge:
-        await _judge_run(matrix, run_id, store, endpoints["judge"], cache, limiters[endpoints["judge"].name], progress, counters,
+        await _judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters,
                          _session_spans(store, run_id, remote))
 
 
-async def _judge_run(matrix, run_id, store, endpoint, cache, limiter, progress, counters, spans=None) -> None:
-    """Judge every completed session that has no verdict yet, reading transcripts from the trace store."""
+def judge_input_for(matrix: Matrix, transcript, session: dict) -> JudgeInput:
+    """What the judges may read about a simulated session besides its transcript."""
+    topic = matrix.topic(session["topic"])
+    persona = matrix.persona(session["persona"])
+    return JudgeInput(transcript, session["sample_id"], topic.name, topic.opening, topic.reference, topic.goal,
+                      subject=topic.subject, misconceptions="\n".join(topic.misconceptions) or None,
+                      persona=persona_text(persona))
+
+
+async def _judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters, spans=None) -> None:
+    """Judge every completed session that has no verdict yet, reading transcripts from the trace store.
+
+    Built-in and custom judges take the same path; judges are grouped by the model they run on.
+    """
     latest = {s["session_id"]: s for s in store.latest_sessions() if s["status"] == "completed"}
     done = {(j.session_id, j.judge) for j in store.judgements()}
     if spans is None:
         spans = spans_dataframe(store, f"{run_id}/")
     transcripts = [t for t in rebuild_sessions(spans) if t.session_id in latest]
-    definitions = [BUILTIN[name] for name in matrix.judges.use]
+    definitions = matrix.judges.definitions()
     # A resumed run may have some judges done for a session: ask only for the missing ones.
-    groups: dict[tuple[str, ...], list[JudgeInput]] = {}
+    # Groups: (model, per-turn or not, judge names) -> sessions. Per-turn judges read other rows.
+    groups: dict[tuple[str, bool, tuple[str, ...]], list[JudgeInput]] = {}
     for t in transcripts:
-        missing = tuple(d.name for d in definitions if (t.session_id, d.name) not in done)
-        if missing:
-            session = latest[t.session_id]
-            topic = matrix.topic(session["topic"])
-            groups.setdefault(missing, []).append(
-                JudgeInput(t, session["sample_id"], topic.name, topic.opening, topic.reference, topic.goal))
+        missing = [d for d in definitions if (t.session_id, d.name) not in done]
+        for model in matrix.judge_model_names():
+            for per_turn in (False, True):
+                names = tuple(d.name for d in missing if matrix.judges.model_of(d.name) == model and d.per_turn == per_turn)
+                if names:
+                    groups.setdefault((model, per_turn, names), []).append(judge_input_for(matrix, t, latest[t.session_id]))
 
     by_status = {"error": 0, "skipped": 0}
 
+    turn_verdicts: dict[tuple[str, str, str, int], list[Judgement]] = {}
+
     def save(judgement: Judgement, calls: list[CallRecord]) -> None:
         store.add_judgements([judgement], {judgement.session_id: calls})
+        if judgement.turn is not None:
+            key = (judgement.session_id, judgement.judge, judgement.judge_model, judgement.judge_sample)
+            turn_verdicts.setdefault(key, []).append(judgement)
         if judgement.status in by_status:
             by_status[judgement.status] += 1
         bar.set_postfix_str(f"error={by_status['error']} skipped={by_status['skipped']} "
                             f"retries={counters.retries} 429s={counters.rate_limited}", refresh=False)
 
-    total = sum(len(inputs) * len(names) for names, inputs in groups.items())
+    def rows_per_session(item: JudgeInput, per_turn: bool) -> int:
+        return max(1, sum(m.role == "tutor" for m in item.transcript.messages)) if per_turn else 1
+
+    total = sum(len(names) * sum(rows_per_session(i, per_turn) for i in inputs)
+                for (_, per_turn, names), inputs in groups.items())
     with tqdm(total=total, desc="judgements", unit="judgement", disable=not progress or not total,
               file=sys.stderr, dynamic_ncols=True) as bar:
-        for names, inputs in groups.items():
-            await judge_sessions(inputs, [BUILTIN[n] for n in names], endpoint, cache, limiter, save,
+        for (model, per_turn, names), inputs in groups.items():
+            endpoint = endpoints[f"judge:{model}"]
+            await judge_sessions(inputs, [matrix.judges.definition(n) for n in names], endpoint, cache,
+                                 limiters[endpoint.name], save,
                                  concurrency=matrix.concurrency, max_tokens=matrix.judges.max_tokens,
                                  temperature=matrix.judges.temperature, progress=bar)
+            if per_turn:
+                _save_turn_aggregates(store, inputs, names, endpoint.name, turn_verdicts)
+
+
+def _save_turn_aggregates(store: RunStore, inputs: list[JudgeInput], names: tuple[str, ...], model: str,
+                          turn_verdicts: dict[tuple[str, str, str, int], list[Judgement]]) -> None:
+    """One session verdict per per-turn judge, from the turn verdicts just stored (see evaluators/turns.py)."""
+    aggregates = [
+        aggregate_turns(item.transcript.session_id, name, model, 0,
+                        turn_verdicts.get((item.transcript.session_id, name, model, 0), []))
+        for item in inputs for name in names
+    ]
+    store.add_judgements(aggregates, {})
 
 
 def _report(matrix: Matrix, store: RunStore, run_dir: Path, gates: Optional[dict[str, float]]) -> RunOutcome:

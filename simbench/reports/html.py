@@ -25,6 +25,7 @@ from typing import Any, Optional
 import jinja2
 from markupsafe import Markup
 
+from ..evaluators.builtin import SIMULATOR_JUDGES
 from ..evaluators.sessions import rebuild_sessions
 from ..store import RunStore
 from ..tracing.local import spans_dataframe
@@ -103,6 +104,10 @@ def session_views(store: RunStore, prefix: str = "s", baseline: Optional[str] = 
     judgements: dict[str, list] = {}
     for j in store.judgements():
         judgements.setdefault(j.session_id, []).append(j)
+    turn_verdicts: dict[str, dict[int, list]] = {}
+    for j in store.turn_judgements():
+        if j.judge_sample == 0:
+            turn_verdicts.setdefault(j.session_id, {}).setdefault(j.turn, []).append(j)
     usage = store.usage_by_session()
     views = []
     for n, s in enumerate(store.latest_sessions(), start=1):
@@ -115,17 +120,22 @@ def session_views(store: RunStore, prefix: str = "s", baseline: Optional[str] = 
         tokens += [f"{dim}:{j.label}" for dim, j in by_dim.items() if j.status == "ok" and j.label]
         if s["status"] != "completed":
             tokens.append(f"_:@{s['status']}")
+        simulator_error = any(outcomes.get(name) == "fail" for name in SIMULATOR_JUDGES)
+        if simulator_error:
+            tokens.append("_:@simulator_error")
         views.append({
             **s,
             "anchor": f"{prefix}-{n}",
             "baseline": s["variant"] == baseline,
             "messages": transcript.messages if transcript else [],
+            "turn_verdicts": turn_verdicts.get(s["session_id"], {}),
             "judgements": js,
             "by_dim": by_dim,
             "outcomes": outcomes,
             "labels": " ".join(t.replace(" ", "_") for t in tokens),
             "usage": usage.get(s["session_id"], {}),
             "failed": failed,
+            "simulator_error": simulator_error,
             "rank": 0 if s["status"] == "errored" else (1 if failed else 2),
         })
     return views
