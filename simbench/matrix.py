@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import hashlib
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import jinja2
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .evaluators.builtin import BUILTIN as _BUILTIN_JUDGES
+from .evaluators.builtin import BUILTIN as _TUTOR_JUDGES
+from .evaluators.builtin import SIMULATOR_JUDGES, JudgeDefinition, Prefilter
 from .personas import builtin_personas
+from .personas.prompt import student_system_prompt
 from .records import Sample
 from .scenarios import builtin_topics
 
@@ -24,7 +27,10 @@ if TYPE_CHECKING:
     from .evaluators.transcripts import ImportedSession
 
 IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]*$")
+# Every built-in judge a matrix may name; the default ``judges.use`` is the tutor's judges only.
+_BUILTIN_JUDGES = {**_TUTOR_JUDGES, **SIMULATOR_JUDGES}
 BUILTIN_JUDGES = tuple(_BUILTIN_JUDGES)
+DEFAULT_JUDGES = tuple(_TUTOR_JUDGES)
 DEFAULT_MODEL = "local"
 
 # SmolLM2-135M-Instruct was trained with 8,192 tokens of context; a slot cannot hold more.
@@ -107,28 +113,199 @@ class StudentSpec(_Strict):
     temperature: float = Field(default=0.8, ge=0)
 
 
+# What a custom judge's prompt may use: each is a dataframe column of the judge's input, never
+# pre-rendered into the template. Optional inputs missing for a session make the judge record `skipped`.
+JUDGE_VARIABLES = {
+    "transcript": "the whole conversation, one 'Student:' or 'Tutor:' message per block",
+    "topic": "the topic's name",
+    "opening": "the student's first message",
+    "reference": "the topic's reference answer (optional)",
+    "goal": "the topic's learning goal (optional)",
+    "subject": "the topic's subject (optional)",
+    "misconceptions": "the topic's misconceptions, one per line (optional)",
+    "persona": "the persona's name, description and traits (optional)",
+    "reply": "per-turn judges only: the tutor reply being judged",
+    "context": "per-turn judges only: the conversation before that reply",
+}
+TURN_VARIABLES = ("reply", "context")
+OPTIONAL_JUDGE_INPUTS = ("reference", "goal", "subject", "misconceptions", "persona")
+
+
+def _check_identifier(name: str, what: str) -> None:
+    if not IDENTIFIER.match(name):
+        raise ValueError(
+            f"{what} {name!r} must be an identifier ([a-z][a-z0-9_]*): "
+            "trace stores such as Arize AX drop evaluation names with '-' or '.'"
+        )
+
+
+def template_variables(template: str) -> list[str]:
+    """The ``{name}`` variables of a judge prompt, as phoenix.evals' f-string formatter reads them.
+
+    ``{{ name }}`` is refused: phoenix.evals would switch the whole prompt to mustache, so the other
+    variables would silently stay unfilled.
+    """
+    if "{{" in template or "}}" in template:
+        raise ValueError("use {transcript}-style variables; double braces ({{ ... }}) are not allowed in a judge prompt")
+    try:
+        return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as exc:
+        raise ValueError(f"template error: {exc} (a literal brace cannot appear in a judge prompt)") from None
+
+
+class PrefilterSpec(_Strict):
+    """``when:`` of a custom judge: the cheap first stage of multi-stage judging."""
+
+    text: Literal["transcript", "tutor", "student"] = "transcript"
+    """Which text the rule reads: the whole transcript, the tutor's messages or the student's."""
+    regex: Optional[str] = Field(default=None, min_length=1)
+    min_chars: Optional[int] = Field(default=None, ge=0)
+    max_chars: Optional[int] = Field(default=None, ge=0)
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> "PrefilterSpec":
+        if self.regex is None and self.min_chars is None and self.max_chars is None:
+            raise ValueError("when: needs at least one of regex, min_chars, max_chars")
+        if self.min_chars is not None and self.max_chars is not None and self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars {self.min_chars} is above max_chars {self.max_chars}: no session could pass")
+        return self
+
+    def prefilter(self) -> Prefilter:
+        return Prefilter(self.text, self.regex, self.min_chars, self.max_chars)
+
+
+class CustomJudgeSpec(_Strict):
+    """A judge written in the matrix: it runs through the same judge path as the built-ins.
+
+    ``scope: session`` (default) reads the whole session once; ``scope: turn`` reads each tutor turn
+    in its context (``{reply}``, ``{context}``), stores a verdict per turn (on the turn's span) and
+    one per session: fail if any turn failed.
+    """
+
+    scope: Literal["session", "turn"] = "session"  # declared before prompt: the prompt's check reads it
+    prompt: str = Field(min_length=1)
+    """phoenix.evals template: ``{transcript}`` (session scope) or ``{reply}`` (turn scope), and any of
+    ``JUDGE_VARIABLES``."""
+    choices: dict[str, float] = Field(min_length=2)
+    """Label -> score; the judge answers with exactly one label."""
+    passing: Optional[list[str]] = None
+    """Labels that pass; default: the labels with the best score for ``direction``."""
+    direction: Literal["maximize", "minimize"] = "maximize"
+    model: Optional[str] = None
+    """A name from ``models``; default: ``judges.model``."""
+    when: Optional[PrefilterSpec] = None
+    """A cheap rule deciding which sessions this judge reads; the others record ``skipped``."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _known_variables(cls, v: str, info: ValidationInfo) -> str:
+        used = template_variables(v)
+        per_turn = info.data.get("scope") == "turn"
+        allowed = [k for k in JUDGE_VARIABLES if per_turn or k not in TURN_VARIABLES]
+        unknown = [name for name in used if name not in allowed]
+        if unknown:
+            turn_only = [u for u in unknown if u in TURN_VARIABLES]
+            hint = f" ({', '.join('{' + u + '}' for u in turn_only)}: only with scope: turn)" if turn_only else ""
+            raise ValueError(f"unknown variable(s) {', '.join('{' + u + '}' for u in unknown)}{hint}; "
+                             f"a judge prompt can use {', '.join('{' + k + '}' for k in allowed)}")
+        if per_turn and "reply" not in used:
+            raise ValueError("a per-turn judge prompt must contain {reply} (the tutor turn it judges)")
+        if not per_turn and "transcript" not in used:
+            raise ValueError("a judge prompt must contain {transcript} (the judge reads the whole session)")
+        return v
+
+    @field_validator("choices")
+    @classmethod
+    def _labels(cls, v: dict[str, float]) -> dict[str, float]:
+        for label in v:
+            if not label.strip():
+                raise ValueError("a label must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _passing_labels(self) -> "CustomJudgeSpec":
+        if self.passing is not None:
+            unknown = [label for label in self.passing if label not in self.choices]
+            if unknown:
+                raise ValueError(f"passing label(s) {unknown} are not among the choices {list(self.choices)}")
+            if not self.passing:
+                raise ValueError("passing is empty: the judge could never pass (omit it for the best-scored labels)")
+            if set(self.passing) == set(self.choices):
+                raise ValueError("every label passes: the judge could never fail")
+        elif len(set(self.choices.values())) == 1:
+            raise ValueError("every choice has the same score: say which labels pass with passing:")
+        return self
+
+    def definition(self, name: str) -> JudgeDefinition:
+        """The judge as the judge runner takes it (the same record as a built-in's)."""
+        used = template_variables(self.prompt)
+        return JudgeDefinition(
+            name=name,
+            template=self.prompt,
+            choices=dict(self.choices),
+            requires=tuple(v for v in OPTIONAL_JUDGE_INPUTS if v in used),
+            direction=self.direction,
+            passing=frozenset(self.passing) if self.passing is not None else None,
+            prefilter=self.when.prefilter() if self.when is not None else None,
+            per_turn=self.scope == "turn",
+        )
+
+
 class JudgesSpec(_Strict):
-    """Session judges: which built-ins to use and the model they run on."""
+    """Session judges: built-ins and custom ones, which of them run, and the model they run on."""
 
     model: str = DEFAULT_MODEL
-    use: list[str] = Field(default_factory=lambda: list(BUILTIN_JUDGES), min_length=1)
+    use: list[str] = Field(default_factory=lambda: list(DEFAULT_JUDGES), min_length=1)
+    """Judges that run; default: the four built-in tutor judges and every custom judge."""
+    custom: dict[str, CustomJudgeSpec] = Field(default_factory=dict)
     max_tokens: int = Field(default=256, gt=0)
     temperature: float = Field(default=0.0, ge=0)
 
     @field_validator("use")
     @classmethod
-    def _known_identifiers(cls, v: list[str]) -> list[str]:
+    def _identifiers(cls, v: list[str]) -> list[str]:
         for name in v:
-            if not IDENTIFIER.match(name):
-                raise ValueError(
-                    f"judge name {name!r} must be an identifier ([a-z][a-z0-9_]*): "
-                    "trace stores such as Arize AX drop evaluation names with '-' or '.'"
-                )
-            if name not in BUILTIN_JUDGES:
-                raise ValueError(f"unknown judge {name!r}; built-in judges: {', '.join(BUILTIN_JUDGES)}")
+            _check_identifier(name, "judge name")
         if len(set(v)) != len(v):
             raise ValueError("a judge is listed twice")
         return v
+
+    @field_validator("custom")
+    @classmethod
+    def _custom_names(cls, v: dict[str, CustomJudgeSpec]) -> dict[str, CustomJudgeSpec]:
+        for name in v:
+            _check_identifier(name, "custom judge name")
+            if name in BUILTIN_JUDGES:
+                raise ValueError(f"custom judge {name!r} has the name of a built-in judge; choose another name")
+        return v
+
+    @model_validator(mode="after")
+    def _default_use_includes_custom(self) -> "JudgesSpec":
+        if "use" not in self.model_fields_set:
+            self.use = list(DEFAULT_JUDGES) + list(self.custom)
+        return self
+
+    def definitions(self) -> list[JudgeDefinition]:
+        """Every judge in ``use``, built-in or custom, in ``use`` order."""
+        return [self.definition(name) for name in self.use]
+
+    def definition(self, name: str) -> JudgeDefinition:
+        return self.custom[name].definition(name) if name in self.custom else _BUILTIN_JUDGES[name]
+
+    def model_of(self, name: str) -> str:
+        """The model a judge runs on: its own ``model`` or ``judges.model``."""
+        custom = self.custom.get(name)
+        return (custom.model if custom is not None else None) or self.model
 
 
 class Topic(_Strict):
@@ -138,6 +315,10 @@ class Topic(_Strict):
     opening: str = Field(min_length=1)
     reference: Optional[str] = None
     goal: Optional[str] = None
+    subject: Optional[str] = None
+    """arithmetic, algebra, science, programming, writing, ... (for grouping; free text)."""
+    misconceptions: list[str] = Field(default_factory=list)
+    """Wrong beliefs students commonly hold here; a persona with ``misconception: topic`` takes the first."""
 
 
 class Persona(_Strict):
@@ -147,6 +328,12 @@ class Persona(_Strict):
     extends: Optional[str] = None
     description: str = Field(min_length=1)
     traits: list[str] = Field(default_factory=list)
+    misconception: Optional[str] = None
+    """``topic``: hold the topic's first misconception; other text: hold that belief; None: none."""
+    writing_style: Optional[str] = None
+    """How the student writes (spelling, grammar, language), when it is part of the persona."""
+    patience: Optional[int] = Field(default=None, gt=0)
+    """Unhelpful tutor replies the student takes before giving up; None: no limit."""
     reacts_to_good: str = "engages with the next step"
     reacts_to_bad: str = "says it still does not make sense"
     stop_when: str = "you understand, or you give up"
@@ -154,9 +341,38 @@ class Persona(_Strict):
 
 
 class TraceStoreSpec(_Strict):
-    """Where tutor spans go. Only ``local`` (the run's SQLite file) exists so far."""
+    """Where tutor spans go and where judgements are logged back.
 
-    kind: Literal["local"] = "local"
+    ``local``: the run's SQLite file only. ``phoenix``: an Arize Phoenix server at ``endpoint``
+    (spans land in ``project``). ``arize``: Arize AX, with the space id and API key read from the
+    environment variables named by ``space_id_env`` and ``api_key_env`` (never from the file).
+    Every kind also keeps a copy of the spans in the run's file, for the report and for ``push``.
+    """
+
+    kind: Literal["local", "phoenix", "arize"] = "local"
+    endpoint: Optional[str] = None
+    project: Optional[str] = None
+    space_id_env: str = "ARIZE_SPACE_ID"
+    api_key_env: str = "ARIZE_API_KEY"
+
+    @model_validator(mode="after")
+    def _fields_of_the_kind(self) -> "TraceStoreSpec":
+        if self.kind == "local":
+            extra = [f for f in ("endpoint", "project") if getattr(self, f) is not None]
+            if extra:
+                raise ValueError(f"{' and '.join(extra)} apply to kind phoenix or arize, not local")
+            return self
+        if not self.project:
+            raise ValueError(f"a {self.kind} trace store needs project: (the project the spans go to)")
+        if self.kind == "phoenix":
+            if not self.endpoint:
+                raise ValueError("a phoenix trace store needs endpoint: (e.g. http://127.0.0.1:6006)")
+            if not re.match(r"^https?://[^/\s]+", self.endpoint):
+                raise ValueError(f"endpoint {self.endpoint!r} must be an http:// or https:// URL")
+            self.endpoint = self.endpoint.rstrip("/")
+        elif self.endpoint is not None:
+            raise ValueError("an arize trace store takes no endpoint: (the arize SDK knows where AX is)")
+        return self
 
 
 class Matrix(_Strict):
@@ -208,10 +424,22 @@ class Matrix(_Strict):
         name = {"tutor": self.tutor.model, "student": self.student.model, "judge": self.judges.model}[role]
         return name, self.models.get(name) or ModelSpec(provider="local")
 
+    def model_spec(self, name: str) -> ModelSpec:
+        """A named model's spec; a missing ``local`` entry means the embedded default."""
+        return self.models.get(name) or ModelSpec(provider="local")
+
+    def judge_model_names(self) -> list[str]:
+        """The models the judges in ``judges.use`` run on, in first-use order."""
+        return list(dict.fromkeys(self.judges.model_of(name) for name in self.judges.use))
+
+    def model_names_in_use(self) -> list[str]:
+        """Every model a role or a judge calls, each once."""
+        roles = [self.model_for(r)[0] for r in ("tutor", "student", "judge")]
+        return list(dict.fromkeys(roles + self.judge_model_names()))
+
     def local_model_names(self) -> set[str]:
-        """Names of the models the roles use that are the embedded model."""
-        roles = ("tutor", "student", "judge")
-        return {self.model_for(r)[0] for r in roles if self.model_for(r)[1].provider == "local"}
+        """Names of the models in use that are the embedded model."""
+        return {name for name in self.model_names_in_use() if self.model_spec(name).provider == "local"}
 
     def uses_local(self) -> bool:
         return bool(self.local_model_names())
@@ -231,7 +459,6 @@ class Matrix(_Strict):
 _CHARS_PER_TOKEN = 3
 _PER_MESSAGE_OVERHEAD = 8
 _JUDGE_TEMPLATE_TOKENS = 700
-_STUDENT_PROMPT_TOKENS = 400
 
 
 def _tokens(text: Optional[str]) -> int:
@@ -246,6 +473,13 @@ def context_needed(matrix: Matrix) -> int:
     topic fields + its answer) or the tutor's last turn (system prompt + history + reply).
     """
     longest = 0
+    # The built-in templates fit in _JUDGE_TEMPLATE_TOKENS with phoenix's wrapping; a longer custom
+    # prompt (plus the persona and misconception columns it may read) needs its own length on top.
+    built_in_length = max(len(d.template) for d in _BUILTIN_JUDGES.values())
+    longest_persona = max(_tokens(p.description) + sum(_tokens(t) for t in p.traits) for p in matrix.personas)
+    judge_template = _JUDGE_TEMPLATE_TOKENS + longest_persona + max(
+        [0] + [_tokens(d.template) - built_in_length // _CHARS_PER_TOKEN for d in matrix.judges.definitions()]
+    )
     for topic in matrix.topics:
         history = (
             _tokens(topic.opening)
@@ -253,16 +487,17 @@ def context_needed(matrix: Matrix) -> int:
             + (2 * matrix.max_turns + 1) * _PER_MESSAGE_OVERHEAD
         )
         judge = (
-            _JUDGE_TEMPLATE_TOKENS
+            judge_template
             + history
             + _tokens(topic.reference)
             + _tokens(topic.goal)
             + _tokens(topic.name)
+            + sum(_tokens(m) for m in topic.misconceptions)
             + matrix.judges.max_tokens
         )
         tutor_system = max(_tokens(matrix.render_tutor_prompt(v, topic)) for v in matrix.tutor.variants)
         tutor = tutor_system + history
-        student = _STUDENT_PROMPT_TOKENS + history
+        student = max(_tokens(student_system_prompt(p, topic)) for p in matrix.personas) + history
         longest = max(longest, judge, tutor, student)
     return longest
 
@@ -326,11 +561,12 @@ def load_matrix(path: Union[str, Path]) -> Matrix:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise MatrixError([f"{source}: cannot read the matrix: {exc.strerror or exc}"]) from None
-    return parse_matrix(text, source)
+    return parse_matrix(text, source, base_dir=path.parent)
 
 
-def parse_matrix(text: str, source: str = "<matrix>") -> Matrix:
-    """Validate matrix YAML text; ``source`` names it in errors."""
+def parse_matrix(text: str, source: str = "<matrix>", base_dir: Optional[Path] = None) -> Matrix:
+    """Validate matrix YAML text; ``source`` names it in errors; ``base_dir`` is where relative
+    ``file:`` paths of persona and topic files are read from (the current folder when None)."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -346,9 +582,9 @@ def parse_matrix(text: str, source: str = "<matrix>") -> Matrix:
     problems: list[str] = []
     data = dict(data)
     if "personas" in data:
-        data["personas"] = _resolve_personas(data["personas"], lines, source, problems)
+        data["personas"] = _resolve_personas(data["personas"], lines, source, problems, base_dir)
     if "topics" in data:
-        data["topics"] = _resolve_topics(data["topics"], lines, source, problems)
+        data["topics"] = _resolve_topics(data["topics"], lines, source, problems, base_dir)
     if problems:
         raise MatrixError(problems)
 
@@ -367,12 +603,12 @@ def parse_matrix(text: str, source: str = "<matrix>") -> Matrix:
     return matrix
 
 
-def _resolve_personas(raw: Any, lines: "_LineIndex", source: str, problems: list[str]) -> Any:
-    """Turn persona names into built-in persona dicts and apply ``extends``."""
+def _resolve_personas(raw: Any, lines: "_LineIndex", source: str, problems: list[str], base_dir: Optional[Path]) -> Any:
+    """Turn persona names into built-in persona dicts, read ``{file: PATH}`` items, apply ``extends``."""
     if not isinstance(raw, list):
         return raw
     library = builtin_personas()
-    resolved = []
+    resolved: list[Any] = []
     for i, item in enumerate(raw):
         where = f"{source}:{lines.line(('personas', i))}: personas[{i}]"
         if isinstance(item, str):
@@ -380,37 +616,114 @@ def _resolve_personas(raw: Any, lines: "_LineIndex", source: str, problems: list
                 problems.append(f"{where}: unknown persona {item!r}; built-in personas: {', '.join(sorted(library))}")
                 continue
             resolved.append({"name": item, **library[item]})
-        elif isinstance(item, dict) and item.get("extends") is not None:
-            base = library.get(item["extends"])
-            if base is None:
-                problems.append(
-                    f"{where}.extends: unknown persona {item['extends']!r}; built-in personas: {', '.join(sorted(library))}"
-                )
-                continue
-            resolved.append({**base, **item})
+        elif _is_file_item(item):
+            for entry in _read_library_file(item["file"], "personas", base_dir, where, problems):
+                fields = _extend_persona({"name": entry.key, **entry.fields}, library, f"{entry.where}.extends", problems)
+                if fields is not None and entry.validate(Persona, fields, problems):
+                    resolved.append(fields)
+        elif isinstance(item, dict):
+            fields = _extend_persona(item, library, f"{where}.extends", problems)
+            if fields is not None:
+                resolved.append(fields)
         else:
             resolved.append(item)
     return resolved
 
 
-def _resolve_topics(raw: Any, lines: "_LineIndex", source: str, problems: list[str]) -> Any:
-    """Turn topic keys into built-in topic dicts."""
+def _extend_persona(item: dict, library: dict[str, dict], where: str, problems: list[str]) -> Optional[dict]:
+    """``extends: NAME`` starts from a built-in persona; the item's own fields override it."""
+    if item.get("extends") is None:
+        return item
+    base = library.get(item["extends"]) if isinstance(item["extends"], str) else None
+    if base is None:
+        problems.append(f"{where}: unknown persona {item['extends']!r} to extend; "
+                        f"built-in personas: {', '.join(sorted(library))}")
+        return None
+    return {**base, **item}
+
+
+def _resolve_topics(raw: Any, lines: "_LineIndex", source: str, problems: list[str], base_dir: Optional[Path]) -> Any:
+    """Turn topic keys into built-in topic dicts and read ``{file: PATH}`` items."""
     if not isinstance(raw, list):
         return raw
     library = builtin_topics()
-    resolved = []
+    resolved: list[Any] = []
     for i, item in enumerate(raw):
+        where = f"{source}:{lines.line(('topics', i))}: topics[{i}]"
         if isinstance(item, str):
             if item not in library:
-                problems.append(
-                    f"{source}:{lines.line(('topics', i))}: topics[{i}]: unknown topic {item!r}; "
-                    f"built-in topics: {', '.join(sorted(library))}"
-                )
+                problems.append(f"{where}: unknown topic {item!r}; built-in topics: {', '.join(sorted(library))}")
                 continue
             resolved.append(dict(library[item]))
+        elif _is_file_item(item):
+            for entry in _read_library_file(item["file"], "topics", base_dir, where, problems):
+                if entry.validate(Topic, entry.fields, problems):
+                    resolved.append(entry.fields)
         else:
             resolved.append(item)
     return resolved
+
+
+def _is_file_item(item: Any) -> bool:
+    return isinstance(item, dict) and set(item) == {"file"}
+
+
+@dataclass
+class _LibraryEntry:
+    """One persona or topic read from a user's library file, with where it is in that file."""
+
+    key: str
+    fields: dict
+    path: Path
+    lines: "_LineIndex"
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.lines.line((self.key,))}: {self.key}"
+
+    def validate(self, model: type[BaseModel], fields: dict, problems: list[str]) -> bool:
+        """Validate here, so a problem names the library file and its line, not the matrix."""
+        try:
+            model.model_validate(fields)
+        except ValidationError as exc:
+            problems.extend(_describe(err, self.lines, str(self.path), prefix=(self.key,)) for err in exc.errors())
+            return False
+        return True
+
+
+def _read_library_file(name: Any, kind: str, base_dir: Optional[Path], where: str, problems: list[str]) -> list[_LibraryEntry]:
+    """Entries of a persona or topic file: a YAML mapping of key -> fields, like the built-in libraries.
+
+    A relative path is read from the matrix's folder.
+    """
+    if not isinstance(name, str) or not name:
+        problems.append(f"{where}.file: expected the path of a YAML file of {kind}")
+        return []
+    path = Path(name) if Path(name).is_absolute() or base_dir is None else base_dir / name
+    try:
+        text = path.read_text(encoding="utf-8")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except OSError as exc:
+        problems.append(f"{where}.file: cannot read {path}: {exc.strerror or exc}")
+        return []
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{path}:{mark.line + 1}" if mark else str(path)
+        problems.append(f"{at}: YAML syntax error: {getattr(exc, 'problem', None) or exc}")
+        return []
+    if not isinstance(data, dict) or not data:
+        problems.append(f"{path}:1: a file of {kind} is a YAML mapping of name -> fields (see docs/personas-and-judges.md)")
+        return []
+    file_lines = _LineIndex(node)
+    entries = []
+    for key, fields in data.items():
+        entry = _LibraryEntry(str(key), fields if isinstance(fields, dict) else {}, path, file_lines)
+        if not isinstance(fields, dict):
+            problems.append(f"{entry.where}: expected a mapping of fields")
+            continue
+        entries.append(entry)
+    return entries
 
 
 def _check_references(matrix: Matrix, lines: "_LineIndex", source: str) -> list[str]:
@@ -434,11 +747,22 @@ def _check_references(matrix: Matrix, lines: "_LineIndex", source: str) -> list[
             try:
                 _render(template, topic)
             except jinja2.UndefinedError as exc:
-                at(("tutor", "variants", variant), f"{exc.message} (a variant can use topic.name, topic.opening, topic.reference, topic.goal)")
+                at(("tutor", "variants", variant), f"{exc.message} (a variant can use topic.name, topic.opening, topic.reference, topic.goal, topic.subject, topic.misconceptions)")
                 break
             except jinja2.TemplateError as exc:
                 at(("tutor", "variants", variant), f"template error: {exc}")
                 break
+    known = list(BUILTIN_JUDGES) + list(matrix.judges.custom)
+    for i, name in enumerate(matrix.judges.use):
+        if name not in known:
+            at(("judges", "use", i), f"unknown judge {name!r}; built-in judges: {', '.join(BUILTIN_JUDGES)}; "
+               f"custom judges: {', '.join(matrix.judges.custom) or 'none (define them under judges.custom)'}")
+    for name, custom in matrix.judges.custom.items():
+        if name not in matrix.judges.use:
+            at(("judges", "custom", name), f"custom judge {name!r} is defined but not in judges.use; add it there")
+        if custom.model is not None and custom.model not in matrix.models and custom.model != DEFAULT_MODEL:
+            at(("judges", "custom", name, "model"),
+               f"unknown model {custom.model!r}; declare it under models: (known: {sorted(matrix.models) or 'none'})")
     for dim in matrix.gates:
         if dim not in matrix.judges.use:
             at(("gates", dim), f"gate on {dim!r}, which is not a judge in judges.use {matrix.judges.use}")
@@ -468,8 +792,8 @@ def _dotted(loc: tuple) -> str:
     return out
 
 
-def _describe(err: dict, lines: "_LineIndex", source: str) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "model-"))))
+def _describe(err: dict, lines: "_LineIndex", source: str, prefix: tuple = ()) -> str:
+    loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "model-"))))
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown field (check its spelling against docs/matrix.md)"
@@ -489,21 +813,22 @@ class _LineIndex:
         node = self.root
         best = node.start_mark.line + 1 if node is not None else 1
         for part in loc:
-            child = self._child(node, part)
-            if child is None:
+            found = self._child(node, part)
+            if found is None:
                 break
-            node = child
-            best = node.start_mark.line + 1
+            marker, node = found
+            best = marker.start_mark.line + 1
         return best
 
     @staticmethod
-    def _child(node: Optional[yaml.Node], part: Any) -> Optional[yaml.Node]:
+    def _child(node: Optional[yaml.Node], part: Any) -> Optional[tuple[yaml.Node, yaml.Node]]:
+        """(the node whose line names ``part``, the node to descend into)."""
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 if key.value == part:
                     # Point at the key: that is where a user looks for the field.
-                    return value if isinstance(value, (yaml.MappingNode, yaml.SequenceNode)) else key
+                    return key, value
             return None
         if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            return node.value[part]
+            return node.value[part], node.value[part]
         return None

@@ -15,19 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from opentelemetry.sdk.trace import SpanProcessor, SynchronousMultiSpanProcessor
 from tqdm import tqdm
 
 from . import __version__
-from .evaluators.builtin import BUILTIN
-from .evaluators.judges import JudgeInput, judge_sessions
+from .evaluators.judges import JudgeInput, judge_sessions, persona_text
+from .evaluators.logback import push_judgements, run_selection
 from .evaluators.sessions import rebuild_sessions
 from .evaluators.transcripts import ImportedSession, TranscriptError, import_sessions, load_transcripts, samples_for
+from .evaluators.turns import aggregate_turns
 from .matrix import LOCAL_MAX_CONTEXT, Matrix, import_matrix, judge_prompt_tokens
 from .models.cache import ResponseCache
 from .models.embedded import EmbeddedModelError, EmbeddedServer, slot_context
 from .models.endpoints import Endpoint, EndpointError, check_reachable, endpoints_for, limiters_for, openai_client
 from .models.limits import RunCounters
-from .records import CallRecord, Judgement, Sample, Transcript
+from .records import CallRecord, Judgement, Sample
 from .reports.gates import check_gates, gate_failures  # noqa: F401  (gate_failures: the public name)
 from .reports.html import write_report
 from .reports.summary import JUDGE_SAMPLES_SETTING, JUDGE_TEMPERATURE_SETTING, build_summary, write_summary
@@ -36,6 +38,7 @@ from .simulator.runner import pending_samples, simulate
 from .store import RUN_FILE, RunStore
 from .tracing.local import local_span_processor, spans_dataframe
 from .tracing.setup import route_spans_to
+from .tracing.stores import StoreConfig, TraceStore, TraceStoreError, open_store
 
 
 class RunError(Exception):
@@ -83,6 +86,7 @@ def run_matrix(
     """Simulate, judge and report a matrix. ``cache_path`` None turns the response cache off;
     ``judge=False`` stops after simulation (sessions stay unjudged until a resumed run judges them).
     ``judge_samples``/``judge_temperature``: see ``judge_settings`` (a resumed run keeps its own)."""
+    remote = open_remote_store(matrix)  # before the run directory and any model call
     store, run_id, run_dir = _open_run(matrix, run_dir, resume)
     cache = ResponseCache(cache_path) if cache_path else None
     try:
@@ -97,14 +101,18 @@ def run_matrix(
             if uses_local:
                 _log("Using the embedded SmolLM2-135M model: it checks that the pipeline works; "
                      "do not trust its answers or its judgements.")
-            asyncio.run(_simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge))
+            asyncio.run(_simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge, remote))
         store.finish_run("finished")
+        if remote is not None and judge:
+            _log_back(remote, store, run_dir)
         outcome = _report(matrix, store, run_dir, gates)
         if outcome.summary["sessions"]["planned"] and not outcome.summary["sessions"]["completed"]:
             raise RunError(f"every session errored (reasons in {outcome.report_path})", 3)
         return outcome
     finally:
         store.close()
+        if remote is not None:
+            remote.close()
         if cache is not None:
             cache.close()
 
@@ -167,7 +175,61 @@ def _endpoints(matrix: Matrix, local_url: Optional[str]) -> dict[str, Endpoint]:
     return endpoints
 
 
-async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge=True) -> None:
+def open_remote_store(matrix: Matrix) -> Optional[TraceStore]:
+    """The matrix's remote trace store, checked reachable; None for ``local`` (the run's file only)."""
+    spec = matrix.trace_store
+    if spec.kind == "local":
+        return None
+    try:
+        remote = open_store(StoreConfig(spec.kind, spec.endpoint, spec.project, spec.space_id_env, spec.api_key_env))
+        remote.check()
+    except TraceStoreError as exc:
+        raise RunError(f"trace store: {exc}", exc.exit_code) from None
+    _log(f"Tracing to {remote.describe()}.")
+    return remote
+
+
+def _span_processor(store: RunStore, remote: Optional[TraceStore]) -> SpanProcessor:
+    """The run's own file always gets the spans (the report reads them, and nothing is lost if a
+    remote store fails); a remote store gets them too."""
+    local = local_span_processor(store)
+    if remote is None:
+        return local
+    both = SynchronousMultiSpanProcessor()
+    both.add_span_processor(local)
+    both.add_span_processor(remote.span_processor())
+    return both
+
+
+def _session_spans(store: RunStore, run_id: str, remote: Optional[TraceStore]):
+    """The run's spans as the trace store holds them: judges read the store, not the simulator.
+
+    If a remote store cannot give them all back, the run's own copy is judged instead (said on
+    stderr), so a store outage costs no judgements.
+    """
+    local = spans_dataframe(store, f"{run_id}/")
+    if remote is None:
+        return local
+    # Wait for the spans of the sessions to judge; a killed attempt's may never have left the process.
+    counted = {s["session_id"] for s in store.latest_sessions() if s["status"] == "completed"}
+    try:
+        return remote.spans(run_selection(store, run_id, local[local["attributes.session.id"].isin(counted)]))
+    except TraceStoreError as exc:
+        _log(f"warning: {exc}; judging the run's own copy of the spans instead")
+        return local
+
+
+def _log_back(remote: TraceStore, store: RunStore, run_dir: Path) -> None:
+    try:
+        result = push_judgements(remote, store)
+    except TraceStoreError as exc:
+        _log(f"warning: judgements were not logged to {remote.describe()}: {exc}. They are saved in "
+             f"{run_dir / RUN_FILE}; log them later with: simbench push {run_dir} --store {remote.kind} ...")
+        return
+    _log(f"Logged {result.logged} judgement(s) of {result.sessions} session(s) to {remote.describe()}.")
+
+
+async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge=True, remote=None) -> None:
     counters = RunCounters()
     limiters = limiters_for(matrix, counters)
     tutor = Agent(openai_client(endpoints["tutor"], cache, limiters[endpoints["tutor"].name]), endpoints["tutor"],
@@ -176,7 +238,7 @@ async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress,
                     matrix.student.max_tokens, matrix.student.temperature)
     todo = pending_samples(store, matrix.samples())
     try:
-        with route_spans_to(local_span_processor(store)):
+        with route_spans_to(_span_processor(store, remote)):
             with tqdm(total=len(matrix.samples()), initial=len(matrix.samples()) - len(todo), desc="sessions",
                       unit="session", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
                 await simulate(matrix, run_id, todo, tutor, student, store, bar, counters)
@@ -184,7 +246,8 @@ async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress,
         await tutor.client.close()
         await student.client.close()
     if judge:
-        await _judge_run(matrix, run_id, store, endpoints["judge"], cache, limiters[endpoints["judge"].name], progress, counters)
+        await _judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters,
+                         _session_spans(store, run_id, remote))
 
 
 # --judge-samples N > 1 without --judge-temperature: at temperature 0 the samples would agree trivially.
@@ -210,51 +273,89 @@ def _store_settings(store: RunStore, settings: dict[str, Any]) -> None:
         store.set_setting(key, value)
 
 
-async def _judge_run(matrix, run_id, store, endpoint, cache, limiter, progress, counters) -> None:
-    """Judge every completed session that has no verdict yet, reading transcripts from the trace store."""
-    latest = {s["session_id"]: s for s in store.latest_sessions() if s["status"] == "completed"}
-    samples = store.setting(JUDGE_SAMPLES_SETTING, 1)
-    temperature = store.setting(JUDGE_TEMPERATURE_SETTING, matrix.judges.temperature)
-    done = {(j.session_id, j.judge, j.judge_sample) for j in store.judgements()}
-    transcripts = [t for t in rebuild_sessions(spans_dataframe(store, f"{run_id}/")) if t.session_id in latest]
-    definitions = [BUILTIN[name] for name in matrix.judges.use]
-    # A resumed run may have some judges done for a session: ask only for the missing ones (all
-    # samples of a judge again when one is missing: the cache answers the ones already stored).
-    groups: dict[tuple[str, ...], list[JudgeInput]] = {}
-    for t in transcripts:
-        missing = tuple(d.name for d in definitions
-                        if any((t.session_id, d.name, i) not in done for i in range(samples)))
-        if missing:
-            groups.setdefault(missing, []).append(_judge_input(matrix, latest[t.session_id], t))
-
-    by_status = {"error": 0, "skipped": 0}
-
-    def save(judgement: Judgement, calls: list[CallRecord]) -> None:
-        store.add_judgements([judgement], {judgement.session_id: calls})
-        if judgement.status in by_status:
-            by_status[judgement.status] += 1
-        bar.set_postfix_str(f"error={by_status['error']} skipped={by_status['skipped']} "
-                            f"retries={counters.retries} 429s={counters.rate_limited}", refresh=False)
-
-    total = sum(len(inputs) * len(names) * samples for names, inputs in groups.items())
-    with tqdm(total=total, desc="judgements", unit="judgement", disable=not progress or not total,
-              file=sys.stderr, dynamic_ncols=True) as bar:
-        for names, inputs in groups.items():
-            await judge_sessions(inputs, [BUILTIN[n] for n in names], endpoint, cache, limiter, save,
-                                 concurrency=matrix.concurrency, max_tokens=matrix.judges.max_tokens,
-                                 temperature=temperature, judge_samples=samples, progress=bar)
-
-
-def _judge_input(matrix: Matrix, session: dict, transcript: Transcript) -> JudgeInput:
-    """What the judges read besides the transcript: the topic's fields for a simulated session; for an
-    imported one, its own reference and goal (from its spans' metadata), keyed in the cache by its own id."""
+def judge_input_for(matrix: Matrix, transcript, session: dict) -> JudgeInput:
+    """What the judges may read about a session besides its transcript: the topic's and persona's
+    fields for a simulated session; for an imported one (docs/transcripts.md), its own reference and
+    goal from its spans' metadata, keyed in the cache by its own id."""
     topic = matrix.topic(session["topic"])
     meta = transcript.metadata
     if meta.get("imported"):
         opening = next((m.content for m in transcript.messages if m.role == "student"), None)
         return JudgeInput(transcript, f"import:{meta.get('source_id')}", topic.name, opening,
                           meta.get("reference"), meta.get("goal"))
-    return JudgeInput(transcript, session["sample_id"], topic.name, topic.opening, topic.reference, topic.goal)
+    persona = matrix.persona(session["persona"])
+    return JudgeInput(transcript, session["sample_id"], topic.name, topic.opening, topic.reference, topic.goal,
+                      subject=topic.subject, misconceptions="\n".join(topic.misconceptions) or None,
+                      persona=persona_text(persona))
+
+
+async def _judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters, spans=None) -> None:
+    """Judge every completed session that has no verdict yet, reading transcripts from the trace store.
+
+    Built-in and custom judges take the same path; judges are grouped by the model they run on.
+    Each judge reads each session ``judge_samples`` times (a run setting, see ``judge_settings``).
+    """
+    latest = {s["session_id"]: s for s in store.latest_sessions() if s["status"] == "completed"}
+    samples = store.setting(JUDGE_SAMPLES_SETTING, 1)
+    temperature = store.setting(JUDGE_TEMPERATURE_SETTING, matrix.judges.temperature)
+    done = {(j.session_id, j.judge, j.judge_sample) for j in store.judgements()}
+    if spans is None:
+        spans = spans_dataframe(store, f"{run_id}/")
+    transcripts = [t for t in rebuild_sessions(spans) if t.session_id in latest]
+    definitions = matrix.judges.definitions()
+    # A resumed run may have some judges done for a session: ask only for the missing ones (all
+    # samples of a judge again when one is missing: the cache answers the ones already stored).
+    # Groups: (model, per-turn or not, judge names) -> sessions. Per-turn judges read other rows.
+    groups: dict[tuple[str, bool, tuple[str, ...]], list[JudgeInput]] = {}
+    for t in transcripts:
+        missing = [d for d in definitions if any((t.session_id, d.name, i) not in done for i in range(samples))]
+        for model in matrix.judge_model_names():
+            for per_turn in (False, True):
+                names = tuple(d.name for d in missing if matrix.judges.model_of(d.name) == model and d.per_turn == per_turn)
+                if names:
+                    groups.setdefault((model, per_turn, names), []).append(judge_input_for(matrix, t, latest[t.session_id]))
+
+    by_status = {"error": 0, "skipped": 0}
+
+    turn_verdicts: dict[tuple[str, str, str, int], list[Judgement]] = {}
+
+    def save(judgement: Judgement, calls: list[CallRecord]) -> None:
+        store.add_judgements([judgement], {judgement.session_id: calls})
+        if judgement.turn is not None:
+            key = (judgement.session_id, judgement.judge, judgement.judge_model, judgement.judge_sample)
+            turn_verdicts.setdefault(key, []).append(judgement)
+        if judgement.status in by_status:
+            by_status[judgement.status] += 1
+        bar.set_postfix_str(f"error={by_status['error']} skipped={by_status['skipped']} "
+                            f"retries={counters.retries} 429s={counters.rate_limited}", refresh=False)
+
+    def rows_per_session(item: JudgeInput, per_turn: bool) -> int:
+        return max(1, sum(m.role == "tutor" for m in item.transcript.messages)) if per_turn else 1
+
+    total = samples * sum(len(names) * sum(rows_per_session(i, per_turn) for i in inputs)
+                for (_, per_turn, names), inputs in groups.items())
+    with tqdm(total=total, desc="judgements", unit="judgement", disable=not progress or not total,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        for (model, per_turn, names), inputs in groups.items():
+            endpoint = endpoints[f"judge:{model}"]
+            await judge_sessions(inputs, [matrix.judges.definition(n) for n in names], endpoint, cache,
+                                 limiters[endpoint.name], save,
+                                 concurrency=matrix.concurrency, max_tokens=matrix.judges.max_tokens,
+                                 temperature=temperature, judge_samples=samples, progress=bar)
+            if per_turn:
+                _save_turn_aggregates(store, inputs, names, endpoint.name, turn_verdicts, samples)
+
+
+def _save_turn_aggregates(store: RunStore, inputs: list[JudgeInput], names: tuple[str, ...], model: str,
+                          turn_verdicts: dict[tuple[str, str, str, int], list[Judgement]], samples: int = 1) -> None:
+    """One session verdict per per-turn judge and judgement sample, from the turn verdicts just stored
+    (see evaluators/turns.py)."""
+    aggregates = [
+        aggregate_turns(item.transcript.session_id, name, model, sample,
+                        turn_verdicts.get((item.transcript.session_id, name, model, sample), []))
+        for item in inputs for name in names for sample in range(samples)
+    ]
+    store.add_judgements(aggregates, {})
 
 
 def _report(matrix: Matrix, store: RunStore, run_dir: Path, gates: Optional[dict[str, float]]) -> RunOutcome:
@@ -329,8 +430,7 @@ def judge_transcripts(
 async def _judge_only(matrix: Matrix, store: RunStore, endpoints, cache, progress: bool) -> None:
     counters = RunCounters()
     limiters = limiters_for(matrix, counters)
-    judge = endpoints["judge"]
-    await _judge_run(matrix, store.run()["run_id"], store, judge, cache, limiters[judge.name], progress, counters)
+    await _judge_run(matrix, store.run()["run_id"], store, endpoints, cache, limiters, progress, counters)
 
 
 def _imported_context(matrix: Matrix, sessions: list[ImportedSession], source: str) -> Optional[int]:

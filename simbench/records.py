@@ -93,6 +93,8 @@ class Transcript:
     span_id: str
     messages: list[Message]
     metadata: dict = field(default_factory=dict)
+    turn_span_ids: list[str] = field(default_factory=list)
+    """The span id of each tutor message, in order (per-turn judgements are stored on these spans)."""
 
     def render(self) -> str:
         """The conversation as plain text, one message per block, for judge prompts."""
@@ -114,6 +116,10 @@ class Judgement:
     passed: Optional[bool] = None
     explanation: Optional[str] = None
     error: Optional[str] = None
+    turn: Optional[int] = None
+    """For a per-turn judge's verdict on one tutor turn: the turn (1-based); None for a session verdict."""
+    span_id: Optional[str] = None
+    """For a per-turn verdict: the tutor span of that turn."""
 
 
 @dataclass

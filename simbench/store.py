@@ -60,6 +60,18 @@ def _migration_1() -> str:
 
 
 def _migration_2() -> str:
+    """Per-turn judgements: one verdict per tutor turn (its span), besides the session's aggregate."""
+    return """
+        CREATE TABLE turn_evaluations (
+            session_id TEXT NOT NULL, judge TEXT NOT NULL, judge_model TEXT NOT NULL,
+            judge_sample INTEGER NOT NULL, turn INTEGER NOT NULL, span_id TEXT, status TEXT NOT NULL,
+            label TEXT, score REAL, passed INTEGER, explanation TEXT, error TEXT, created_at REAL NOT NULL,
+            PRIMARY KEY (session_id, judge, judge_model, judge_sample, turn)
+        );
+        """
+
+
+def _migration_3() -> str:
     """Imported sessions: where each came from (file line, its own id), human labels, run settings."""
     return (
         """
@@ -77,7 +89,7 @@ def _migration_2() -> str:
 
 # Each returns the SQL that upgrades a file by one version; applied in order, once each, in one
 # transaction with the version bump. The count applied is the file's schema version.
-MIGRATIONS = [_migration_1, _migration_2]
+MIGRATIONS = [_migration_1, _migration_2, _migration_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -232,7 +244,14 @@ class RunStore:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(j.session_id, j.judge, j.judge_model, j.judge_sample, j.status, j.label, j.score,
-                      None if j.passed is None else int(j.passed), j.explanation, j.error, now) for j in judgements],
+                      None if j.passed is None else int(j.passed), j.explanation, j.error, now)
+                     for j in judgements if j.turn is None],
+                )
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO turn_evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(j.session_id, j.judge, j.judge_model, j.judge_sample, j.turn, j.span_id, j.status, j.label,
+                      j.score, None if j.passed is None else int(j.passed), j.explanation, j.error, now)
+                     for j in judgements if j.turn is not None],
                 )
                 for session_id, records in calls.items():
                     self._insert_calls(session_id, records)
@@ -246,6 +265,16 @@ class RunStore:
         return [
             Judgement(r["session_id"], r["judge"], r["judge_model"], r["judge_sample"], r["status"], r["label"],
                       r["score"], None if r["passed"] is None else bool(r["passed"]), r["explanation"], r["error"])
+            for r in rows
+        ]
+
+    def turn_judgements(self) -> list[Judgement]:
+        """Per-turn verdicts (``turn`` and ``span_id`` set), in session, judge and turn order."""
+        rows = self._read("SELECT * FROM turn_evaluations ORDER BY session_id, judge, judge_sample, turn")
+        return [
+            Judgement(r["session_id"], r["judge"], r["judge_model"], r["judge_sample"], r["status"], r["label"],
+                      r["score"], None if r["passed"] is None else bool(r["passed"]), r["explanation"], r["error"],
+                      r["turn"], r["span_id"])
             for r in rows
         ]
 

@@ -88,6 +88,20 @@ def test_run_exits_1_on_the_gate_and_names_variant_and_dimension(finished_run):
     assert "clear" not in " ".join(line for line in result.output.splitlines() if line.startswith("gate failed"))
 
 
+def test_run_prints_a_verdict_per_variant_and_dimension(finished_run):
+    _, result = finished_run
+    verdicts = [line.strip() for line in result.output.splitlines() if line.strip().startswith("clear vs vague / ")]
+    assert len(verdicts) == 3, result.output
+    assert any(v.startswith("clear vs vague / coherence:") and "better" in v for v in verdicts), verdicts
+
+
+def test_report_rebuild_exits_1_when_a_gate_of_the_matrix_fails(finished_run):
+    out, _ = finished_run
+    result = invoke("report", out)
+    assert result.exit_code == 1, result.output
+    assert "gate failed: coherence / vague" in result.output
+
+
 def test_summary_says_the_clear_variant_is_better(finished_run):
     out, _ = finished_run
     summary = json.loads((out / "summary.json").read_text())
@@ -147,7 +161,7 @@ def test_junit_has_one_case_per_variant_and_dimension_failing_on_the_gate(finish
 def test_report_command_writes_junit_too(finished_run, tmp_path):
     out, _ = finished_run
     result = invoke("report", out, "--junit", tmp_path / "again.xml")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # the gate still fails
     failing = {k for k, c in _junit_cases(tmp_path / "again.xml").items() if c.find("failure") is not None}
     assert failing == {("vague", "coherence")}
 

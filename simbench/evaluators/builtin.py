@@ -7,13 +7,43 @@ Variables: ``{transcript}``, ``{topic}``, ``{opening}``, ``{reference}``, ``{goa
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
+
+# Columns of a judge row besides the template variables: what a pre-filter may read.
+PREFILTER_TEXTS = {"transcript": "transcript", "tutor": "tutor_text", "student": "student_text"}
+
+
+@dataclass(frozen=True)
+class Prefilter:
+    """A cheap rule that picks the sessions an (expensive) judge reads; the others record ``skipped``.
+
+    Every condition given must hold on the chosen text: ``regex`` must match somewhere in it
+    (Python ``re.search``), and its length must lie within ``min_chars``..``max_chars``.
+    """
+
+    text: Literal["transcript", "tutor", "student"] = "transcript"
+    regex: Optional[str] = None
+    min_chars: Optional[int] = None
+    max_chars: Optional[int] = None
+
+    def reason_to_skip(self, row: dict) -> Optional[str]:
+        """None when the session is selected; otherwise why it is not (recorded with ``skipped``)."""
+        value = str(row.get(PREFILTER_TEXTS[self.text]) or "")
+        if self.regex is not None and not re.search(self.regex, value):
+            return f"pre-filter: no match for /{self.regex}/ in the {self.text} text"
+        if self.min_chars is not None and len(value) < self.min_chars:
+            return f"pre-filter: the {self.text} text has {len(value)} characters, fewer than {self.min_chars}"
+        if self.max_chars is not None and len(value) > self.max_chars:
+            return f"pre-filter: the {self.text} text has {len(value)} characters, more than {self.max_chars}"
+        return None
 
 
 @dataclass(frozen=True)
 class JudgeDefinition:
-    """A session judge. ``choices`` maps labels to scores; ``passing`` defaults to the top-scored labels."""
+    """A session judge. ``choices`` maps labels to scores; ``passing`` defaults to the top-scored labels;
+    ``prefilter`` (optional) picks the sessions it reads."""
 
     name: str
     template: str
@@ -21,6 +51,9 @@ class JudgeDefinition:
     requires: tuple[str, ...] = ()
     direction: Literal["maximize", "minimize"] = "maximize"
     passing: Optional[frozenset[str]] = field(default=None)
+    prefilter: Optional[Prefilter] = None
+    per_turn: bool = False
+    """True: one verdict per tutor turn (rows carry ``turn``, ``reply``, ``context``), aggregated per session."""
 
     def pass_labels(self) -> frozenset[str]:
         if self.passing is not None:
@@ -79,3 +112,28 @@ CORRECTNESS = JudgeDefinition(
 )
 
 BUILTIN = {j.name: j for j in (COHERENCE, GOAL_COMPLETION, FRUSTRATION, CORRECTNESS)}
+"""The built-in judges of the tutor (the default ``judges.use``)."""
+
+# A judge of the *student*: LLM student simulators break character, solve the problem themselves or
+# stop for no reason of their persona, and such a session says nothing about the tutor.
+SIMULATOR_FIDELITY = JudgeDefinition(
+    name="simulator_fidelity",
+    template=(
+        "You are checking a SIMULATED student in a tutoring conversation about {topic}. A language model "
+        "played the student and was told to play this persona:\n{persona}\n\n"
+        "<conversation>\n{transcript}\n</conversation>\n\n"
+        "Question: did the simulated student stay a believable student of this persona for the whole "
+        "session? It is out of character if it acts as the tutor (explains or teaches the topic), solves the "
+        "problem or states the full correct answer on its own before the tutor has led it there, knows what "
+        "this student should not know, drops the persona's traits (for example long polished replies from a "
+        "terse student), or ends the session for a reason its persona would not. Being wrong, confused, rude, "
+        "slow or off topic is in character when the persona says so.\n"
+        'Answer "in_character" or "out_of_character", with a one-sentence explanation.'
+    ),
+    choices={"in_character": 1.0, "out_of_character": 0.0},
+    requires=("persona",),
+)
+SIMULATOR_JUDGES = {SIMULATOR_FIDELITY.name: SIMULATOR_FIDELITY}
+"""Built-in judges of the simulated student. A session one of them fails is a simulator error: it
+leaves every tutor rate and, in comparisons, its pair drops out on both sides."""
+SIMULATOR_JUDGE = SIMULATOR_FIDELITY.name

@@ -47,6 +47,15 @@ class JudgeInput:
     opening: Optional[str] = None
     reference: Optional[str] = None
     goal: Optional[str] = None
+    subject: Optional[str] = None
+    misconceptions: Optional[str] = None  # one per line
+    persona: Optional[str] = None  # name, description and traits, as ``persona_text`` writes them
+
+
+def persona_text(persona: Any) -> str:
+    """A persona as a judge reads it (the ``{persona}`` column): name, description, traits."""
+    traits = "".join(f"\n- {t}" for t in getattr(persona, "traits", []) or [])
+    return f"{persona.name}: {persona.description}" + (f"\nTraits:{traits}" if traits else "")
 
 
 OnJudgement = Callable[[Judgement, list[CallRecord]], None]
@@ -68,14 +77,14 @@ class SessionJudge(ClassificationEvaluator):
         self.definition = definition
         self.judge_model = judge_model
         self.on_judgement = on_judgement
-        self.calls: dict[tuple[str, int], list[CallRecord]] = {}
-        self.reported: set[tuple[str, int]] = set()
-        self.in_flight: dict[tuple[str, int], asyncio.Task] = {}
+        self.calls: dict[tuple, list[CallRecord]] = {}
+        self.reported: set[tuple] = set()
+        self.in_flight: dict[tuple, asyncio.Task] = {}
 
     async def async_evaluate(self, eval_input: dict, input_mapping: Any = None) -> list:
         """What phoenix.evals calls per row. Its timeout cancels only the wait, never the request:
         a requeued row picks up the request already in flight instead of sending another."""
-        key = (eval_input["session_id"], int(eval_input["judge_sample"]))
+        key = _row_key(eval_input)
         task = self.in_flight.get(key)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = asyncio.ensure_future(self._evaluate_row(eval_input, input_mapping))
@@ -86,13 +95,23 @@ class SessionJudge(ClassificationEvaluator):
         for task in self.in_flight.values():
             task.cancel()
 
+    def _verdict(self, row: dict, status: str, **fields: Any) -> Judgement:
+        """A Judgement for a row: a session's, or (per-turn judges) one tutor turn's."""
+        turn = row.get("turn") if self.definition.per_turn else None
+        return Judgement(row["session_id"], self.name, self.judge_model, int(row["judge_sample"]), status,
+                         turn=None if turn is None else int(turn),
+                         span_id=row.get("span_id") if turn is not None else None, **fields)
+
     async def _evaluate_row(self, eval_input: dict, input_mapping: Any) -> list:
-        session_id, judge_sample = eval_input["session_id"], int(eval_input["judge_sample"])
-        key = (session_id, judge_sample)
+        judge_sample = int(eval_input["judge_sample"])
+        key = _row_key(eval_input)
         missing = [f for f in self.definition.requires if not eval_input.get(f)]
         if missing:
-            self._report(key, Judgement(session_id, self.name, self.judge_model, judge_sample, "skipped",
-                                        error=f"no {', '.join(missing)} for this session"))
+            self._report(key, self._verdict(eval_input, "skipped", error=f"no {', '.join(missing)} for this session"))
+            return []
+        not_selected = self.definition.prefilter.reason_to_skip(eval_input) if self.definition.prefilter else None
+        if not_selected:
+            self._report(key, self._verdict(eval_input, "skipped", error=not_selected))
             return []
         scope = CallScope("judge", eval_input["sample_key"], judge_sample)
         try:
@@ -103,17 +122,16 @@ class SessionJudge(ClassificationEvaluator):
             # would come back the same (at temperature 0, or from the cache). Recording the error here
             # keeps it from phoenix's executor, whose requeues and concurrency cuts add nothing.
             self.calls.setdefault(key, []).extend(scope.calls)
-            self._report(key, Judgement(session_id, self.name, self.judge_model, judge_sample, "error",
-                                        error=f"{type(exc).__name__}: {exc}"[:1000]))
+            self._report(key, self._verdict(eval_input, "error", error=f"{type(exc).__name__}: {exc}"[:1000]))
             return []
         self.calls.setdefault(key, []).extend(scope.calls)
         score = scores[0]
         passed = score.label in self.definition.pass_labels()
-        self._report(key, Judgement(session_id, self.name, self.judge_model, judge_sample, "ok", score.label,
-                                    score.score, passed, score.explanation))
+        self._report(key, self._verdict(eval_input, "ok", label=score.label, score=score.score, passed=passed,
+                                        explanation=score.explanation))
         return scores
 
-    def _report(self, key: tuple[str, int], judgement: Judgement) -> None:
+    def _report(self, key: tuple, judgement: Judgement) -> None:
         self.reported.add(key)
         self.on_judgement(judgement, self.calls.pop(key, []))
 
@@ -125,15 +143,58 @@ class SessionJudge(ClassificationEvaluator):
         """
         not_run = 0
         for row, detail in zip(rows, details):
-            key = (row["session_id"], int(row["judge_sample"]))
+            key = _row_key(row)
             if key in self.reported:
                 continue
             if _status(detail) == "DID NOT RUN":
                 not_run += 1
                 continue
-            self._report(key, Judgement(row["session_id"], self.name, self.judge_model, key[1], "error",
-                                        error=_failure_reason(detail)))
+            self._report(key, self._verdict(row, "error", error=_failure_reason(detail)))
         return not_run
+
+
+def _row_key(row: dict) -> tuple[str, int, int]:
+    """(session, judgement sample, turn): a session judge's rows have turn 0."""
+    return (row["session_id"], int(row["judge_sample"]), int(row.get("turn") or 0))
+
+
+def session_row(item: JudgeInput, judge_sample: int) -> dict:
+    """One dataframe row: a session and everything a judge template may read, as columns."""
+    messages = item.transcript.messages
+    return {
+        "session_id": item.transcript.session_id,
+        "sample_key": item.sample_key,
+        "judge_sample": judge_sample,
+        "transcript": item.transcript.render(),
+        "topic": item.topic,
+        "opening": item.opening or "",
+        "reference": item.reference or "",
+        "goal": item.goal or "",
+        "subject": item.subject or "",
+        "misconceptions": item.misconceptions or "",
+        "persona": item.persona or "",
+        # for pre-filters (multi-stage judging): each side's messages alone
+        "tutor_text": "\n\n".join(m.content for m in messages if m.role == "tutor"),
+        "student_text": "\n\n".join(m.content for m in messages if m.role == "student"),
+    }
+
+
+def turn_rows(item: JudgeInput, judge_sample: int) -> list[dict]:
+    """One row per tutor turn for a per-turn judge: the session's columns plus ``turn`` (1-based),
+    ``reply`` (that tutor message), ``context`` (the conversation before it) and ``span_id``."""
+    base = session_row(item, judge_sample)
+    messages = item.transcript.messages
+    span_ids = item.transcript.turn_span_ids
+    rows = []
+    for index, message in enumerate(messages):
+        if message.role != "tutor":
+            continue
+        turn = len(rows) + 1
+        before = Transcript(item.transcript.session_id, "", messages[:index])
+        # a pre-filter with ``text: tutor`` reads this turn's reply only
+        rows.append({**base, "turn": turn, "reply": message.content, "context": before.render(),
+                     "tutor_text": message.content, "span_id": span_ids[turn - 1] if turn <= len(span_ids) else ""})
+    return rows
 
 
 def judge_llm(client: httpx2.AsyncClient, endpoint: Endpoint, requests_per_second: float) -> LLM:
@@ -165,20 +226,12 @@ async def judge_sessions(
     """Judge every input with every definition ``judge_samples`` times; ``on_judgement`` gets each result."""
     if not inputs or not definitions:
         return
-    rows = [
-        {
-            "session_id": item.transcript.session_id,
-            "sample_key": item.sample_key,
-            "judge_sample": index,
-            "transcript": item.transcript.render(),
-            "topic": item.topic,
-            "opening": item.opening or "",
-            "reference": item.reference or "",
-            "goal": item.goal or "",
-        }
-        for item in inputs
-        for index in range(judge_samples)
-    ]
+    if len({d.per_turn for d in definitions}) != 1:
+        raise ValueError("session judges and per-turn judges run in separate calls")
+    make_rows = turn_rows if definitions[0].per_turn else (lambda item, index: [session_row(item, index)])
+    rows = [row for item in inputs for index in range(judge_samples) for row in make_rows(item, index)]
+    if not rows:
+        return
 
     def report(judgement: Judgement, calls: list[CallRecord]) -> None:
         on_judgement(judgement, calls)

@@ -32,6 +32,7 @@ def rebuild_sessions(spans: pd.DataFrame) -> list[Transcript]:
 
 def _transcript(session_id: str, group: list[dict]) -> Transcript:
     messages: list[Message] = []
+    turn_span_ids: list[str] = []
     first_span_id = None
     metadata: dict[str, Any] = {}
     for span in group:
@@ -52,7 +53,8 @@ def _transcript(session_id: str, group: list[dict]) -> Transcript:
         tutor = _last_content(span.get("attributes.llm.output_messages"), "assistant")
         if tutor is not None:
             messages.append(Message("tutor", tutor))
-    return Transcript(session_id, first_span_id or "", messages, metadata)
+            turn_span_ids.append(span["context.span_id"])
+    return Transcript(session_id, first_span_id or "", messages, metadata, turn_span_ids)
 
 
 def _last_content(messages: Any, role: str) -> str | None:

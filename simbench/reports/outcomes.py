@@ -2,8 +2,9 @@
 
 An outcome is ``pass`` or ``fail`` (a judge's verdict), ``error`` or ``skipped`` (the judge gave no
 verdict), ``errored`` (the session itself failed, so nothing was judged), ``not_run`` or ``missing``
-(no judgement stored). Only ``pass`` and ``fail`` enter a rate or a comparison; everything else is
-counted apart. Each sample counts once, by its latest attempt.
+(no judgement stored), or ``simulator_error`` (a simulator judge flagged the *student*, so the
+session says nothing about the tutor). Only ``pass`` and ``fail`` enter a rate or a comparison;
+everything else is counted apart. Each sample counts once, by its latest attempt.
 
 A session asked ``--judge-samples N`` times per judge has one *verdict* per dimension: the majority
 label of its samples that gave one (a tie goes to the lower-scored label, the conservative reading);
@@ -17,11 +18,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from ..evaluators.builtin import SIMULATOR_JUDGES
 from ..records import Judgement, Sample
 from ..store import RunStore
 from .stats import PairedComparison, apply_holm, compare_paired
 
-Outcome = Literal["pass", "fail", "error", "skipped", "errored", "not_run", "missing"]
+Outcome = Literal["pass", "fail", "error", "skipped", "errored", "not_run", "missing", "simulator_error"]
 
 
 @dataclass
@@ -39,7 +41,14 @@ class SampleOutcome:
             return "errored"
         if self.status != "completed":
             return "not_run"
+        if dimension not in SIMULATOR_JUDGES and self.simulator_error:
+            return "simulator_error"
         return self.results.get(dimension, "missing")
+
+    @property
+    def simulator_error(self) -> bool:
+        """A simulator judge failed this session's student: no tutor judgement of it counts."""
+        return any(self.results.get(name) == "fail" for name in SIMULATOR_JUDGES)
 
     def passed(self, dimension: str) -> Optional[bool]:
         """True or False for a verdict; None for anything that must drop out of a rate or a pair."""

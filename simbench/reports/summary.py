@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import __version__
-from ..evaluators.builtin import BUILTIN
+from ..evaluators.builtin import SIMULATOR_JUDGES
+from ..evaluators.turns import first_failing_turn
 from ..store import RunStore
 from .calibration import MAP_SETTING, MIN_KAPPA_SETTING, calibration
 
@@ -41,7 +42,7 @@ STATISTICS = {
 
 
 def _empty_counts() -> dict[str, Any]:
-    return {"pass": 0, "fail": 0, "error": 0, "skipped": 0}
+    return {"pass": 0, "fail": 0, "error": 0, "skipped": 0, "simulator_error": 0}
 
 
 def _finish(counts: dict[str, Any]) -> dict[str, Any]:
@@ -57,7 +58,7 @@ def breakdowns(outcomes: list[SampleOutcome], dimensions: list[str]) -> dict[str
         d: dict[str, Any] = {"overall": _empty_counts(), **{key: defaultdict(_empty_counts) for key in BREAKDOWNS}}
         for o in outcomes:
             outcome = o.outcome(dim)
-            if outcome not in ("pass", "fail", "error", "skipped"):
+            if outcome not in ("pass", "fail", "error", "skipped", "simulator_error"):
                 continue
             for counts in (d["overall"], *(d[key][getattr(o.sample, attr)] for key, attr in BREAKDOWNS.items())):
                 counts[outcome] += 1
@@ -65,6 +66,61 @@ def breakdowns(outcomes: list[SampleOutcome], dimensions: list[str]) -> dict[str
         for key in BREAKDOWNS:
             d[key] = {name: _finish(c) for name, c in d[key].items()}
         result[dim] = d
+    return result
+
+
+def simulator_errors(outcomes: list[SampleOutcome], judges: list[str]) -> Optional[dict[str, Any]]:
+    """Sessions a simulator judge flagged, overall and per persona (None when no simulator judge ran).
+
+    A persona with a high share does not work as written: fix the persona, not the tutor.
+    """
+    used = [j for j in judges if j in SIMULATOR_JUDGES]
+    if not used:
+        return None
+
+    def counts(items: list[SampleOutcome]) -> dict[str, Any]:
+        judged = [o for o in items if any(o.outcome(j) in ("pass", "fail") for j in used)]
+        flagged = sum(1 for o in judged if o.simulator_error)
+        return {"flagged": flagged, "judged": len(judged), "share": flagged / len(judged) if judged else None}
+
+    personas = list(dict.fromkeys(o.sample.persona for o in outcomes))
+    return {
+        "judges": used,
+        "overall": counts(outcomes),
+        "by_persona": {p: counts([o for o in outcomes if o.sample.persona == p]) for p in personas},
+        "sessions": [o.session_id for o in outcomes if o.status == "completed" and o.simulator_error],
+    }
+
+
+def turn_breakdowns(store: RunStore, outcomes: list[SampleOutcome], per_turn_judges: list[str]) -> dict[str, Any]:
+    """For every per-turn judge: at which turn sessions first fail, and the share of turns that pass.
+
+    Only sessions whose session verdict counts (pass or fail; no simulator error) are included.
+    """
+    if not per_turn_judges:
+        return {}
+    by_session: dict[tuple[str, str], list] = defaultdict(list)
+    for j in store.turn_judgements():
+        if j.judge_sample == 0:
+            by_session[(j.session_id, j.judge)].append(j)
+    result: dict[str, Any] = {}
+    for judge in per_turn_judges:
+        counted = [o for o in outcomes if o.outcome(judge) in ("pass", "fail")]
+        first: dict[str, int] = defaultdict(int)
+        turns_judged = turns_passed = 0
+        for o in counted:
+            turns = by_session.get((o.session_id, judge), [])
+            ok = [t for t in turns if t.status == "ok"]
+            turns_judged += len(ok)
+            turns_passed += sum(1 for t in ok if t.passed)
+            failing = first_failing_turn(turns)
+            first[str(failing) if failing is not None else "none"] += 1
+        result[judge] = {
+            "sessions": len(counted),
+            "first_failing_turn": dict(sorted(first.items(), key=lambda kv: (kv[0] == "none", int(kv[0]) if kv[0] != "none" else 0))),
+            "turns_judged": turns_judged,
+            "turn_pass_share": turns_passed / turns_judged if turns_judged else None,
+        }
     return result
 
 
@@ -131,6 +187,9 @@ def build_summary(store: RunStore) -> dict[str, Any]:
         ],
         "statistics": STATISTICS,
         "dimensions": breakdowns(outcomes, judges),
+        "simulator_errors": simulator_errors(outcomes, judges),
+        "turns": turn_breakdowns(store, outcomes, [name for name in judges if
+                                                   ((matrix.get("judges") or {}).get("custom") or {}).get(name, {}).get("scope") == "turn"]),
         "comparisons": variant_comparisons(outcomes, variants, baseline, judges) if baseline else {},
         "consistency": consistency(outcomes, variants, judges, repeats),
         "usage": usage_totals(store, {name: m["price"] for name, m in (matrix.get("models") or {}).items()
@@ -140,11 +199,12 @@ def build_summary(store: RunStore) -> dict[str, Any]:
     if samples > 1:  # --judge-samples N
         summary["judge_consistency"] = {
             "samples": samples, "temperature": store.setting(JUDGE_TEMPERATURE_SETTING),
-            "dimensions": judge_consistency(store, judge_choices(judges), samples),
+            "dimensions": judge_consistency(store, judge_choices(_definitions(matrix)), samples),
         }
     label_map = store.setting(MAP_SETTING)
     if label_map is not None:  # a run of `simbench calibrate`
-        summary["calibration"] = calibration(store, judge_choices(judges), label_map, store.setting(MIN_KAPPA_SETTING))
+        summary["calibration"] = calibration(store, judge_choices(_definitions(matrix)), label_map,
+                                             store.setting(MIN_KAPPA_SETTING))
     return summary
 
 
@@ -177,9 +237,16 @@ def judge_consistency(store: RunStore, choices: dict[str, list[str]], samples: i
     return out
 
 
-def judge_choices(judges: list[str]) -> dict[str, list[str]]:
-    """The labels of each judge in use, in the judge's order."""
-    return {name: list(BUILTIN[name].choices) for name in judges if name in BUILTIN}
+def _definitions(matrix: dict[str, Any]) -> list:
+    """The judge definitions (built-in and custom) of a run's stored matrix."""
+    from ..matrix import JudgesSpec
+
+    return JudgesSpec.model_validate(matrix.get("judges") or {}).definitions()
+
+
+def judge_choices(definitions: list) -> dict[str, list[str]]:
+    """The labels of each judge (``JudgeDefinition``s: built-in or custom), in the judge's order."""
+    return {d.name: list(d.choices) for d in definitions}
 
 
 def usage_totals(store: RunStore, prices: Optional[dict[str, dict[str, float]]] = None) -> dict[str, dict[str, Any]]:

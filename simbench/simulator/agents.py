@@ -13,11 +13,10 @@ from dataclasses import dataclass
 import openai
 from openai.types.chat import ChatCompletion
 
-from ..matrix import Persona, Topic
 from ..models.endpoints import Endpoint
+from ..personas.prompt import STOP_MARKER, student_system_prompt  # noqa: F401  (the simulator's public names)
 from ..records import Message
 
-STOP_MARKER = "[END]"
 _STOP = re.compile(r"\[\s*end\s*\]", re.IGNORECASE)
 
 
@@ -49,22 +48,6 @@ def tutor_messages(system_prompt: str, history: list[Message]) -> list[dict]:
     return [{"role": "system", "content": system_prompt}] + [
         {"role": "user" if m.role == "student" else "assistant", "content": m.content} for m in history
     ]
-
-
-def student_system_prompt(persona: Persona, topic: Topic) -> str:
-    """The role-play instructions for the simulated student."""
-    traits = "".join(f"\n- {t}" for t in persona.traits)
-    return (
-        f"You are role-playing a student in a tutoring chat about {topic.name}. "
-        "You are the student, not the tutor: never explain the topic and never solve it for the tutor.\n"
-        f"Who you are: {persona.description}"
-        + (f"\nYour traits:{traits}" if traits else "")
-        + f"\nWhen the tutor helps well, you {persona.reacts_to_good}."
-        f"\nWhen the tutor is unclear or unhelpful, you {persona.reacts_to_bad}."
-        f"\nYour first message was: \"{topic.opening}\""
-        f"\nReply length: {persona.reply_length}. Write only your next message as the student, with no name prefix."
-        f"\nWhen {persona.stop_when}, write your last message and end it with {STOP_MARKER}."
-    )
 
 
 def student_messages(system_prompt: str, history: list[Message]) -> list[dict]:

@@ -113,3 +113,83 @@ def spans_dataframe(store: RunStore, session_prefix: Optional[str] = None) -> pd
         column = f"attributes.{name}"
         frame[column] = frame[column].map(lambda v: v if isinstance(v, list) else [])
     return frame
+
+
+def add_span_frame(store: RunStore, frame: pd.DataFrame) -> int:
+    """Write a span dataframe from another store into the run's file (``simbench judge`` keeps a copy
+    of what it judged, so the report can show it); ``spans_dataframe`` reads it back the same."""
+    rows = []
+    for span in frame.to_dict("records"):
+        attributes = flatten({k.removeprefix("attributes."): v for k, v in span.items() if k.startswith("attributes.")})
+        rows.append((
+            str(span["context.span_id"]),
+            str(span.get("context.trace_id") or ""),
+            _plain(span.get("parent_id")),
+            str(span.get("name") or ""),
+            _plain(span.get("span_kind")),
+            _nanoseconds(span.get("start_time")),
+            _nanoseconds(span.get("end_time") if _plain(span.get("end_time")) is not None else span.get("start_time")),
+            str(_plain(span.get("status_code")) or "UNSET"),
+            _plain(span.get("attributes.session.id")),
+            dumps(attributes),
+        ))
+    store.add_spans(rows)
+    return len(rows)
+
+
+def flatten(attributes: dict[str, Any]) -> dict[str, Any]:
+    """The span dataframe's attribute columns -> OTel's flat keys (the inverse of ``unflatten``)."""
+    out: dict[str, Any] = {}
+    for key, value in attributes.items():
+        value = _plain(value)
+        if value is None:
+            continue
+        if key in _LIST_ATTRIBUTES:
+            for index, item in enumerate(value):
+                for name, part in (item or {}).items():
+                    if _plain(part) is not None:
+                        out[f"{key}.{index}.{name}"] = _plain(part)
+        elif key == "metadata" and isinstance(value, dict):
+            out[key] = dumps(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """numpy/pandas values -> plain Python; missing (None, NaN, NaT) -> None."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, dict, str)):
+        return value
+    if value is None or pd.isna(value):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def _nanoseconds(value: Any) -> int:
+    return int(pd.Timestamp(value).value)
+
+
+def readable_spans(store: RunStore, span_ids: set[str]) -> list[ReadableSpan]:
+    """Stored spans as OTel spans again, with their original ids and times, so ``push`` can send a
+    store the spans it missed (its sessions must exist there before judgements can land on them)."""
+    from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
+
+    def context(trace_id: str, span_id: str) -> SpanContext:
+        return SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+
+    out = []
+    for row in store.span_rows():
+        if row["span_id"] not in span_ids:
+            continue
+        out.append(ReadableSpan(
+            name=row["name"],
+            context=context(row["trace_id"], row["span_id"]),
+            parent=context(row["trace_id"], row["parent_id"]) if row["parent_id"] else None,
+            attributes=json.loads(row["attributes"]),
+            status=Status(StatusCode[row["status_code"]]),
+            start_time=row["start_time"],
+            end_time=row["end_time"],
+        ))
+    return out

@@ -1,0 +1,357 @@
+"""The phoenix trace store against a REAL Phoenix server, started here from its own venv.
+
+``SIMBENCH_PHOENIX`` names the ``phoenix`` executable of a venv with ``arize-phoenix`` (its own
+venv, so Phoenix's ~100 dependencies cannot hide one simbench forgot). Without it these tests skip,
+unless ``SIMBENCH_REQUIRE_PHOENIX=1`` (CI), where a missing server is a failure.
+
+Models are the fake OpenAI server; everything else is real: the CLI, the tracer, OTLP/HTTP into
+Phoenix, ``phoenix.client`` out, session annotations back.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import base_matrix, invoke, run_cli
+from fake_openai import judge_name
+
+from simbench.tracing.phoenix import PhoenixStore
+
+READY_TIMEOUT_S = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def phoenix_server(tmp_path_factory):
+    """A Phoenix server on 127.0.0.1 with its own working dir and free ports, for the whole session:
+    {"url": its HTTP root, "grpc_port": its OTLP gRPC receiver}."""
+    executable = os.environ.get("SIMBENCH_PHOENIX")
+    if not executable:
+        message = ("SIMBENCH_PHOENIX is not set: point it at the phoenix executable of a venv with arize-phoenix "
+                   "(python3 -m venv V && V/bin/pip install arize-phoenix; SIMBENCH_PHOENIX=V/bin/phoenix)")
+        if os.environ.get("SIMBENCH_REQUIRE_PHOENIX") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    workdir = tmp_path_factory.mktemp("phoenix")
+    port, grpc_port = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PHOENIX_", "OTEL_")) and k != "PYTHONPATH"}
+    env.update(PHOENIX_WORKING_DIR=str(workdir), PHOENIX_HOST="127.0.0.1", PHOENIX_PORT=str(port),
+               PHOENIX_GRPC_PORT=str(grpc_port), PHOENIX_TELEMETRY_ENABLED="false")
+    log_path = workdir / "phoenix.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([executable, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_ready(url, process, log_path)
+        yield {"url": url, "grpc_port": grpc_port}
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def phoenix_url(phoenix_server):
+    return phoenix_server["url"]
+
+
+def _wait_until_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"phoenix serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"phoenix serve was not ready after {READY_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
+
+
+# -- helpers that read Phoenix directly (never through simbench's store) -----------------------------
+
+
+def _phoenix_spans(url: str, project: str):
+    """Every span of the project, through phoenix.client, with a limit far above what a test makes."""
+    from phoenix.client import Client
+
+    now = datetime.now(timezone.utc)
+    return Client(base_url=url).spans.get_spans_dataframe(
+        project_identifier=project, start_time=now - timedelta(hours=2), end_time=now + timedelta(minutes=5),
+        limit=100_000, timeout=60)
+
+
+def _session_annotations(url: str, project: str, session_ids: list[str]) -> list[dict]:
+    """Session annotations through Phoenix's REST API (phoenix.client has no reader for them yet)."""
+    out: list[dict] = []
+    cursor = None
+    while True:
+        params: dict = {"session_ids": session_ids, "limit": 1000}
+        if cursor:
+            params["cursor"] = cursor
+        response = httpx.get(f"{url}/v1/projects/{project}/session_annotations", params=params, timeout=30)
+        response.raise_for_status()
+        body = response.json()
+        out.extend(body["data"])
+        cursor = body.get("next_cursor")
+        if not cursor:
+            return out
+
+
+def _labels_by_judge(prompt: str, labels: list[str]) -> str:
+    # coherence answers its last label, every other judge its first: labels differ by judge
+    return labels[-1] if judge_name(prompt) == "coherence" else labels[0]
+
+
+def _phoenix_matrix(fake_url: str, phoenix: str, project: str, **overrides):
+    return base_matrix(fake_url, trace_store={"kind": "phoenix", "endpoint": phoenix, "project": project}, **overrides)
+
+
+@pytest.fixture(scope="module")
+def traced_run(phoenix_url, tmp_path_factory):
+    """One small matrix run into Phoenix (module-scoped: several tests read the same run)."""
+    import yaml
+    from conftest import RecordingFake, RunFiles
+
+    tmp = tmp_path_factory.mktemp("traced")
+    with RecordingFake(latency=0, judge_label=_labels_by_judge) as fake:
+        matrix = tmp / "matrix.yaml"
+        matrix.write_text(yaml.safe_dump(_phoenix_matrix(fake.base_url, phoenix_url, "simbench-run", repeats=2)))
+        result = run_cli(matrix, tmp / "run", "--no-cache")
+        assert result.exit_code == 0, result.output
+        files = RunFiles(tmp / "run")
+        yield {"files": files, "fake": fake, "matrix": matrix, "project": "simbench-run", "output": result.output}
+        files.close()
+
+
+def test_a_run_sends_only_tutor_and_closing_spans_to_phoenix(traced_run, phoenix_url):
+    files, fake = traced_run["files"], traced_run["fake"]
+    spans = _phoenix_spans(phoenix_url, traced_run["project"])
+    sessions = {s["session_id"] for s in files.sessions()}
+    assert len(sessions) == 4
+    assert set(spans["attributes.session.id"]) == sessions
+    # one LLM span per tutor call, one closing span per session, nothing else (no student, no judge)
+    assert sorted(spans["name"].value_counts().items()) == [("ChatCompletion", fake.roles["tutor"]), ("session.end", 4)]
+    assert fake.roles["student"] > 0 and fake.roles["judge"] > 0
+    inputs = " ".join(str(m) for ms in spans["attributes.llm.input_messages"].dropna() for m in ms)
+    assert "role-playing" not in inputs and "reference answer" not in inputs
+    # the same spans as the run's own copy, with the same ids
+    assert set(spans["context.span_id"]) == {s["span_id"] for s in files.spans()}
+
+
+def test_every_judgement_is_a_session_annotation_in_phoenix(traced_run, phoenix_url):
+    files = traced_run["files"]
+    local = {(j["session_id"], j["judge"]): j for j in files.judgements()}
+    assert {j["status"] for j in local.values()} == {"ok"}
+    annotations = _session_annotations(phoenix_url, traced_run["project"], sorted({k[0] for k in local}))
+    remote = {(a["session_id"], a["name"]): a for a in annotations}
+    assert set(remote) == set(local)
+    for key, annotation in remote.items():
+        assert annotation["annotator_kind"] == "LLM"
+        assert annotation["result"]["label"] == local[key]["label"]
+        assert annotation["result"]["score"] == pytest.approx(local[key]["score"])
+        assert annotation["result"]["explanation"] == local[key]["explanation"]
+    assert {a["result"]["label"] for a in annotations if a["name"] == "coherence"} != \
+        {a["result"]["label"] for a in annotations if a["name"] == "correctness"}
+    assert "Logged 8 judgement(s) of 4 session(s)" in traced_run["output"]
+
+
+def test_push_again_updates_instead_of_duplicating(traced_run, phoenix_url):
+    files = traced_run["files"]
+    result = invoke("push", files.run_dir, "--store", "phoenix", "--endpoint", phoenix_url,
+                    "--project", traced_run["project"])
+    assert result.exit_code == 0, result.output
+    assert "logged 8 of 8 judgement(s) on 4 session(s)" in result.output
+    annotations = _session_annotations(phoenix_url, traced_run["project"], [s["session_id"] for s in files.sessions()])
+    assert len(annotations) == 8
+
+
+def test_judge_store_judges_a_time_window_and_logs_back(traced_run, phoenix_url, tmp_path, make_fake, open_run):
+    files = traced_run["files"]
+    # A second judge model, so the new verdicts are new annotations next to the run's own.
+    judge_fake = make_fake(judge_label=lambda prompt, labels: labels[0])
+    import yaml
+
+    matrix = tmp_path / "judges.yaml"
+    matrix.write_text(yaml.safe_dump(base_matrix(judge_fake.base_url, judges={"model": "fake", "use": ["coherence"]})))
+    now = datetime.now(timezone.utc)
+    result = invoke("judge", "--store", "phoenix", "--endpoint", phoenix_url, "--project", traced_run["project"],
+                    "--start", (now - timedelta(hours=1)).isoformat(), "--end", (now + timedelta(minutes=1)).isoformat(),
+                    "--matrix", matrix, "--out", tmp_path / "judged", "-q", "--no-cache")
+    assert result.exit_code == 0, result.output
+    judged = open_run(tmp_path / "judged")
+    assert {s["session_id"] for s in judged.sessions()} == {s["session_id"] for s in files.sessions()}
+    # the same samples as the simulated run (names come from the spans' metadata)
+    assert {s["sample_id"] for s in judged.sessions()} == {s["sample_id"] for s in files.sessions()}
+    assert [(j["judge"], j["status"], j["label"]) for j in judged.judgements()] == [("coherence", "ok", "coherent")] * 4
+    assert judge_fake.roles["judge"] == 4 and judge_fake.roles["tutor"] == 0 and judge_fake.roles["student"] == 0
+    # the transcripts the judge read came from Phoenix, and the report shows them
+    assert judged.transcripts() == files.transcripts()
+    assert "Tutor turn 1" in (tmp_path / "judged" / "report.html").read_text()
+    annotations = _session_annotations(phoenix_url, traced_run["project"], [s["session_id"] for s in files.sessions()])
+    # same judge name, model name and sample as the run's verdicts: the new verdicts replace them
+    coherence = [a for a in annotations if a["name"] == "coherence"]
+    assert [a["result"]["label"] for a in coherence] == ["coherent"] * 4
+    assert len(annotations) == 8
+
+
+def test_judge_store_where_selects_sessions(traced_run, phoenix_url, tmp_path, open_run):
+    now = datetime.now(timezone.utc)
+    result = invoke("judge", "--store", "phoenix", "--endpoint", phoenix_url, "--project", traced_run["project"],
+                    "--start", (now - timedelta(hours=1)).isoformat(), "--end", (now + timedelta(minutes=1)).isoformat(),
+                    "--where", "metadata['variant'] == 'direct'", "--matrix", traced_run["matrix"],
+                    "--out", tmp_path / "direct", "-q", "--no-cache")
+    assert result.exit_code == 0, result.output
+    judged = open_run(tmp_path / "direct")
+    assert {s["variant"] for s in judged.sessions()} == {"direct"}
+    assert len(judged.sessions()) == 2
+    # whole sessions: both tutor turns and the closing message, not only the spans that matched
+    assert all(len(t) == 5 for t in judged.transcripts().values())
+
+
+def test_paging_reads_more_than_a_thousand_spans(phoenix_url, fake, write_matrix, tmp_path, open_run):
+    """520 sessions x (1 tutor span + 1 closing span) = 1,040 spans: past phoenix.client's default
+    limit of 1,000. Every session must come back from Phoenix and be judged."""
+    matrix = write_matrix(_phoenix_matrix(fake.base_url, phoenix_url, "simbench-paging", repeats=260, max_turns=1,
+                                          concurrency=32, judges={"model": "fake", "use": ["coherence"], "max_tokens": 64}))
+    result = run_cli(matrix, tmp_path / "run", "--no-cache")
+    assert result.exit_code == 0, result.output
+    files = open_run(tmp_path / "run")
+    assert len(files.spans()) == 1040
+    from phoenix.client import Client
+
+    now = datetime.now(timezone.utc)
+    window = dict(start_time=now - timedelta(hours=1), end_time=now + timedelta(minutes=5))
+    # phoenix.client's default answers 1,000 and says nothing: the reason for paging
+    assert len(Client(base_url=phoenix_url).spans.get_spans_dataframe(project_identifier="simbench-paging", **window)) == 1000
+    store = PhoenixStore(phoenix_url, "simbench-paging")
+    assert len(store.fetch_all(window["start_time"], window["end_time"])) == 1040
+    # a smaller page splits the window more often and still returns every span once
+    small = PhoenixStore(phoenix_url, "simbench-paging", page_size=100)
+    frame = small.fetch_all(window["start_time"], window["end_time"])
+    assert len(frame) == 1040 and frame["context.span_id"].is_unique
+    from simbench.tracing.local import SPAN_COLUMNS
+
+    assert set(SPAN_COLUMNS) <= set(frame.columns)  # the span dataframe every store hands back
+    judgements = files.judgements()
+    assert len(judgements) == 520 and {j["status"] for j in judgements} == {"ok"}
+    assert len(_session_annotations(phoenix_url, "simbench-paging", [s["session_id"] for s in files.sessions()])) == 520
+
+
+def test_push_of_a_local_run(phoenix_url, fake, write_matrix, tmp_path, open_run):
+    """A run traced only locally (or whose store was down) is logged to Phoenix later."""
+    run = run_cli(write_matrix(base_matrix(fake.base_url)), tmp_path / "run", "--no-cache")
+    assert run.exit_code == 0, run.output
+    files = open_run(tmp_path / "run")
+    result = invoke("push", tmp_path / "run", "--store", "phoenix", "--endpoint", phoenix_url, "--project", "pushed")
+    assert result.exit_code == 0, result.output
+    # Phoenix never saw these sessions: push sends their spans first, from the run's own copy
+    assert f"sent {len(files.spans())} span(s) the store did not hold" in result.output
+    spans = _phoenix_spans(phoenix_url, "pushed")
+    assert sorted(spans["context.span_id"]) == sorted(s["span_id"] for s in files.spans())
+    sessions = [s["session_id"] for s in files.sessions()]
+    annotations = _session_annotations(phoenix_url, "pushed", sessions)
+    assert sorted((a["session_id"], a["name"], a["result"]["label"]) for a in annotations) == \
+        sorted((j["session_id"], j["judge"], j["label"]) for j in files.judgements())
+
+
+def test_arize_otel_exports_over_grpc_with_the_project(phoenix_server, monkeypatch):
+    """The arize store's span path (``arize.otel.register``, gRPC, the project as a resource) into a
+    real OTLP gRPC receiver: Phoenix's, since AX itself cannot be reached from here."""
+    from openinference.instrumentation import using_attributes
+
+    from simbench.tracing.arize import ArizeStore
+    from simbench.tracing.setup import record_session_end, route_spans_to
+
+    monkeypatch.setenv("ARIZE_COLLECTOR_ENDPOINT", f"http://127.0.0.1:{phoenix_server['grpc_port']}")
+    store = ArizeStore("space-id", "api-key", "simbench-arize-grpc")
+    store.check()  # the collector answers
+    with route_spans_to(store.span_processor()):
+        for n in range(3):
+            with using_attributes(session_id=f"ax-run/{n}/1", metadata={"variant": "v"}):
+                record_session_end(f"goodbye {n}", "max_turns")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        spans = _phoenix_spans(phoenix_server["url"], "simbench-arize-grpc")
+        if len(spans) >= 3:
+            break
+        time.sleep(0.5)
+    assert sorted(spans["attributes.session.id"]) == ["ax-run/0/1", "ax-run/1/1", "ax-run/2/1"]
+    assert sorted(spans["attributes.input.value"]) == ["goodbye 0", "goodbye 1", "goodbye 2"]
+
+
+class _FailingPhoenix:
+    """A Phoenix that answers the reachability check and then fails every other request: a server
+    that goes down mid-run. (A stand-in at the network boundary, like the fake model server.)"""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, status: int, body: bytes) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if self.path.startswith("/v1/projects?") or self.path == "/v1/projects":
+                    self._answer(200, b'{"data": [], "next_cursor": null}')
+                else:
+                    self._answer(500, b'{"detail": "down"}')
+
+            def do_POST(self):
+                # 400 for OTLP: the exporter gives up at once instead of backing off for a minute
+                self._answer(400 if self.path == "/v1/traces" else 500, b'{"detail": "down"}')
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_store_that_fails_mid_run_loses_nothing(phoenix_url, fake, write_matrix, tmp_path, open_run):
+    with _FailingPhoenix() as broken:
+        matrix = write_matrix(_phoenix_matrix(fake.base_url, broken.url, "recovered"))
+        result = run_cli(matrix, tmp_path / "run", "--no-cache")
+    assert result.exit_code == 0, result.output
+    assert "judging the run's own copy of the spans instead" in result.output
+    assert "judgements were not logged" in result.output and "simbench push" in result.output
+    files = open_run(tmp_path / "run")
+    judgements = files.judgements()
+    assert len(judgements) == 4 and {j["status"] for j in judgements} == {"ok"}
+    # the server is back (here: the real one): push sends the spans and the judgements
+    pushed = invoke("push", tmp_path / "run", "--store", "phoenix", "--endpoint", phoenix_url, "--project", "recovered")
+    assert pushed.exit_code == 0, pushed.output
+    annotations = _session_annotations(phoenix_url, "recovered", [s["session_id"] for s in files.sessions()])
+    assert sorted((a["session_id"], a["name"], a["result"]["label"]) for a in annotations) == \
+        sorted((j["session_id"], j["judge"], j["label"]) for j in judgements)
+    assert len(_phoenix_spans(phoenix_url, "recovered")) == len(files.spans())
