@@ -428,3 +428,18 @@ def test_per_turn_judgements_are_span_annotations_on_their_tutor_spans(phoenix_u
     again = _span_annotations(phoenix_url, project, list(spans["context.span_id"]))
     assert sorted(a["id"] for a in again) == sorted(a["id"] for a in annotations)
     assert len(_session_annotations(phoenix_url, project, sessions)) == 4
+
+    # judging the sessions again from Phoenix (simbench judge --store) logs onto the same spans:
+    # same judge, model name and sample, so the new turn verdicts replace the old ones
+    judge_fake = make_fake(judge_label=lambda prompt, labels: labels[0])
+    judges = base_matrix(judge_fake.base_url, judges={"model": "fake", "use": ["reveals_turn"],
+                                                      "custom": {"reveals_turn": TURN_JUDGE}})
+    now = datetime.now(timezone.utc)
+    judged = invoke("judge", "--store", "phoenix", "--endpoint", phoenix_url, "--project", project,
+                    "--start", (now - timedelta(hours=1)).isoformat(), "--end", (now + timedelta(minutes=1)).isoformat(),
+                    "--matrix", write_matrix(judges, "judges.yaml"), "--out", tmp_path / "judged", "-q", "--no-cache")
+    assert judged.exit_code == 0, judged.output
+    assert judge_fake.roles["judge"] == 6
+    rejudged = _span_annotations(phoenix_url, project, list(spans["context.span_id"]))
+    assert sorted(a["id"] for a in rejudged) == sorted(a["id"] for a in annotations)
+    assert {a["result"]["label"] for a in rejudged} == {"withholds"}
