@@ -461,7 +461,8 @@ def push(run_dir: str, store_kind: str, endpoint: Optional[str], project: str) -
         _fail(str(exc), exc.exit_code)
     if result.spans_resent:
         click.echo(f"sent {result.spans_resent} span(s) the store did not hold (from {run_dir})")
-    click.echo(f"logged {result.logged} of {result.judgements} judgement(s) on {result.sessions} session(s)")
+    click.echo(f"logged {result.logged} of {result.sent} judgement(s) on {result.sessions} session(s)"
+               f"{result.turns_note()}")
 
 
 @cli.command("install-model")

@@ -184,6 +184,9 @@ class PrefilterSpec(_Strict):
         return Prefilter(self.text, self.regex, self.min_chars, self.max_chars)
 
 
+MAX_LABEL_LENGTH = 100
+
+
 class CustomJudgeSpec(_Strict):
     """A judge written in the matrix: it runs through the same judge path as the built-ins.
 
@@ -230,6 +233,9 @@ class CustomJudgeSpec(_Strict):
         for label in v:
             if not label.strip():
                 raise ValueError("a label must not be empty")
+            if len(label) > MAX_LABEL_LENGTH:
+                # Arize AX refuses the whole evaluation upload when one label is longer.
+                raise ValueError(f"label {label[:20]!r}... is longer than {MAX_LABEL_LENGTH} characters")
         return v
 
     @model_validator(mode="after")

@@ -226,7 +226,8 @@ def _log_back(remote: TraceStore, store: RunStore, run_dir: Path) -> None:
         _log(f"warning: judgements were not logged to {remote.describe()}: {exc}. They are saved in "
              f"{run_dir / RUN_FILE}; log them later with: simbench push {run_dir} --store {remote.kind} ...")
         return
-    _log(f"Logged {result.logged} judgement(s) of {result.sessions} session(s) to {remote.describe()}.")
+    _log(f"Logged {result.logged} judgement(s) of {result.sessions} session(s){result.turns_note()} "
+         f"to {remote.describe()}.")
 
 
 async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge=True, remote=None) -> None:

@@ -6,7 +6,10 @@
 - the export mapping reads a dataframe shaped like ``export_to_df``'s output, built with the SDK's
   own transformer from the raw Arrow shape (JSON strings, epoch nanoseconds, all-null columns dropped);
 - spans go through ``arize.otel.register`` over gRPC into a real OTLP gRPC receiver (Phoenix's), so
-  the provider, resource (project) and gRPC exporter are exercised for real.
+  the provider, resource (project) and gRPC exporter are exercised for real;
+- per-turn verdicts go out as ``eval.<judge>.*`` on their turn's span through the SDK's own
+  ``update_evaluations`` and Arrow Flight client, into a Flight server on loopback that keeps what
+  it receives (a stand-in at the network boundary, like the fake model server).
 """
 
 from __future__ import annotations
@@ -185,3 +188,120 @@ def test_arize_credentials_come_from_the_environment(monkeypatch, fake, write_ma
     assert result.exit_code == 3 and "cannot reach Arize AX" in result.output
     assert "key-secret" not in result.output
     assert fake.chat_calls == 0
+
+
+@pytest.fixture
+def turn_judged_run(make_fake, write_matrix, tmp_path):
+    """A run with a per-turn judge: each session's turn 2 reveals the answer (see test_turn_judges)."""
+    from test_turn_judges import TURN_JUDGE, _tutor
+
+    fake = make_fake(tutor=_tutor,
+                     judge_label=lambda prompt, labels: "reveals" if "Reply: The answer is" in prompt else labels[0])
+    matrix = base_matrix(fake.base_url, max_turns=3)
+    matrix["judges"]["custom"] = {"reveals_turn": TURN_JUDGE}
+    matrix["judges"]["use"] = ["coherence", "reveals_turn"]
+    result = run_cli(write_matrix(matrix), tmp_path / "run", "--no-cache")
+    assert result.exit_code == 0, result.output
+    store = RunStore.open_run_dir(tmp_path / "run")
+    yield store
+    store.close()
+
+
+def _tutor_spans(spans: pd.DataFrame) -> pd.Series:
+    """session id -> its tutor span ids in turn order."""
+    tutor = spans[spans["name"] == "ChatCompletion"].sort_values("start_time")
+    return tutor.groupby("attributes.session.id")["context.span_id"].agg(list)
+
+
+def test_per_turn_verdicts_are_evals_on_their_turn_spans(turn_judged_run):
+    spans = spans_dataframe(turn_judged_run)
+    turns = turn_judged_run.turn_judgements()
+    assert len(turns) == 6
+    frame = evaluations_frame(turn_judged_run.judgements() + turns, session_roots(spans))
+    assert sdk_validation_errors(frame) == []
+    by_span = frame.set_index("context.span_id")
+    for session_id, span_ids in _tutor_spans(spans).items():
+        assert list(by_span.loc[span_ids, "eval.reveals_turn.label"]) == ["withholds", "reveals", "withholds"]
+        assert list(by_span.loc[span_ids, "eval.reveals_turn.score"]) == [1.0, 0.0, 1.0]
+        # turn 1's span is also the session's root: the session verdicts share its row
+        assert by_span.loc[span_ids[0], "session_eval.reveals_turn.label"] == "failing_turn"
+        assert by_span.loc[span_ids[0], "session_eval.coherence.label"] == "coherent"
+        assert by_span.loc[span_ids[1:], "session_eval.reveals_turn.label"].isna().all()
+    assert len(frame) == 6  # one row per tutor span, nothing on the closing spans
+
+
+def test_a_turn_verdict_without_a_span_or_verdict_is_not_logged():
+    judgements = [
+        Judgement("r/s/1", "reveals_turn", "m", 0, "ok", "reveals", 0.0, False, "turn 2", turn=2, span_id="2" * 16),
+        Judgement("r/s/1", "reveals_turn", "m", 1, "ok", "withholds", 1.0, True, "second sample", turn=2,
+                  span_id="2" * 16),
+        Judgement("r/s/1", "reveals_turn", "m", 0, "skipped", error="pre-filter", turn=3, span_id="3" * 16),
+        Judgement("r/s/1", "reveals_turn", "m", 0, "ok", "reveals", 0.0, False, "no span", turn=4, span_id=""),
+    ]
+    frame = evaluations_frame(judgements, {})
+    assert frame.to_dict("records") == [{"context.span_id": "2" * 16, "eval.reveals_turn.label": "reveals",
+                                         "eval.reveals_turn.score": 0.0, "eval.reveals_turn.explanation": "turn 2"}]
+    assert sdk_validation_errors(frame) == []
+
+
+class _FlightReceiver:
+    """An Arrow Flight server on loopback that answers DoPut like AX's and keeps each table it gets."""
+
+    def __enter__(self):
+        import threading
+
+        import pyarrow as pa
+        import pyarrow.flight as flight
+        from arize._generated.protocol.flight import flight_pb2
+
+        received = self.received = []
+
+        class Server(flight.FlightServerBase):
+            def do_put(self, context, descriptor, reader, writer):
+                table = reader.read_all()
+                received.append((json.loads(descriptor.command), table.to_pandas()))
+                response = flight_pb2.WriteSpanEvaluationResponse(records_updated=table.num_rows)
+                writer.write(pa.py_buffer(response.SerializeToString()))
+
+        self.server = Server("grpc+tcp://127.0.0.1:0")
+        self.port = self.server.port
+        self.thread = threading.Thread(target=self.server.serve, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def flight_receiver(monkeypatch):
+    """A ``_FlightReceiver`` the arize SDK sends to (its Flight endpoint comes from the environment)."""
+    with _FlightReceiver() as receiver:
+        monkeypatch.setenv("ARIZE_FLIGHT_HOST", "127.0.0.1")
+        monkeypatch.setenv("ARIZE_FLIGHT_PORT", str(receiver.port))
+        monkeypatch.setenv("ARIZE_FLIGHT_SCHEME", "grpc+tcp")
+        yield receiver
+
+
+def test_log_judgements_sends_turn_evals_through_the_sdk(turn_judged_run, flight_receiver):
+    """The store's own call (``update_evaluations(validate=True)``) up to the wire: what arrives is
+    one row per tutor span with ``eval.reveals_turn.*`` and the session evals on each root span."""
+    spans = spans_dataframe(turn_judged_run)
+    judgements = turn_judged_run.judgements() + turn_judged_run.turn_judgements()
+    logged = ArizeStore("space-id", "api-key", PROJECT).log_judgements(judgements, spans)
+    assert logged == 6 + 2 * 2  # six turn labels, two session labels on each of two sessions
+    [(command, table)] = flight_receiver.received
+    assert PROJECT in json.dumps(command)
+    table = table.set_index("context.span_id")
+    for span_ids in _tutor_spans(spans):
+        assert list(table.loc[span_ids, "eval.reveals_turn.label"]) == ["withholds", "reveals", "withholds"]
+        assert table.loc[span_ids[0], "session_eval.reveals_turn.label"] == "failing_turn"
+
+
+def test_the_sdk_refuses_a_broken_turn_eval_before_sending(turn_judged_run, flight_receiver):
+    """validate=True is on: what the SDK rejects never reaches the wire, and the error says why."""
+    turn = turn_judged_run.turn_judgements()[0]
+    turn.label = "x" * 101  # AX takes labels of at most 100 characters
+    with pytest.raises(TraceStoreError, match="logging evaluations failed: ValidationFailure"):
+        ArizeStore("space-id", "api-key", PROJECT).log_judgements([turn], spans_dataframe(turn_judged_run))
+    assert flight_receiver.received == []

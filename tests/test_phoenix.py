@@ -355,3 +355,91 @@ def test_a_store_that_fails_mid_run_loses_nothing(phoenix_url, fake, write_matri
     assert sorted((a["session_id"], a["name"], a["result"]["label"]) for a in annotations) == \
         sorted((j["session_id"], j["judge"], j["label"]) for j in judgements)
     assert len(_phoenix_spans(phoenix_url, "recovered")) == len(files.spans())
+
+
+def _span_annotations(url: str, project: str, span_ids: list[str]) -> list[dict]:
+    """Span annotations through Phoenix's REST API, read directly (not through simbench's store)."""
+    out: list[dict] = []
+    cursor = None
+    while True:
+        params: dict = {"span_ids": span_ids, "limit": 1000}
+        if cursor:
+            params["cursor"] = cursor
+        response = httpx.get(f"{url}/v1/projects/{project}/span_annotations", params=params, timeout=30)
+        response.raise_for_status()
+        body = response.json()
+        out.extend(body["data"])
+        cursor = body.get("next_cursor")
+        if not cursor:
+            return out
+
+
+def test_per_turn_judgements_are_span_annotations_on_their_tutor_spans(phoenix_url, make_fake, write_matrix,
+                                                                         tmp_path, open_run):
+    """A per-turn judge's verdicts land on the tutor span of each turn, its session aggregate on the
+    session; a second push updates them instead of adding copies."""
+    from test_turn_judges import TURN_JUDGE, _tutor
+
+    fake = make_fake(tutor=_tutor,
+                     judge_label=lambda prompt, labels: "reveals" if "Reply: The answer is" in prompt else labels[0])
+    project = "simbench-turns"
+    matrix = _phoenix_matrix(fake.base_url, phoenix_url, project, max_turns=3)
+    matrix["judges"]["custom"] = {"reveals_turn": TURN_JUDGE}
+    matrix["judges"]["use"] = ["coherence", "reveals_turn"]
+    result = run_cli(write_matrix(matrix), tmp_path / "run", "--no-cache")
+    assert result.exit_code == 0, result.output
+    assert "Logged 10 judgement(s) of 2 session(s), 6 of them per turn on the turn's tutor span" in result.output
+    files = open_run(tmp_path / "run")
+    local_turns = files.rows("SELECT * FROM turn_evaluations ORDER BY session_id, turn")
+    assert len(local_turns) == 6 and {t["status"] for t in local_turns} == {"ok"}
+
+    # the tutor spans of each session as Phoenix holds them, in turn order
+    spans = _phoenix_spans(phoenix_url, project).sort_values("start_time")
+    tutor_spans = spans[spans["name"] == "ChatCompletion"].groupby("attributes.session.id")["context.span_id"].agg(list)
+    assert sorted(tutor_spans.index) == sorted(s["session_id"] for s in files.sessions())
+    assert all(len(ids) == 3 for ids in tutor_spans)
+
+    annotations = _span_annotations(phoenix_url, project, list(spans["context.span_id"]))
+    assert len(annotations) == 6  # the turns only: nothing on the closing spans, no session verdict on a span
+    on_span = {a["span_id"]: a for a in annotations}
+    for session_id, span_ids in tutor_spans.items():
+        turn_annotations = [on_span[span_id] for span_id in span_ids]
+        assert [a["name"] for a in turn_annotations] == ["reveals_turn"] * 3
+        assert [a["result"]["label"] for a in turn_annotations] == ["withholds", "reveals", "withholds"]
+        assert [a["result"]["score"] for a in turn_annotations] == [1, 0, 1]
+        assert all(a["annotator_kind"] == "LLM" for a in turn_annotations)
+        assert [a["metadata"]["turn"] for a in turn_annotations] == [1, 2, 3]
+        assert {a["metadata"]["session_id"] for a in turn_annotations} == {session_id}
+        local = [t for t in local_turns if t["session_id"] == session_id]
+        assert [a["result"]["explanation"] for a in turn_annotations] == [t["explanation"] for t in local]
+        assert [t["span_id"] for t in local] == span_ids
+
+    # the per-turn judge's session aggregate is a session annotation, beside the session judge's
+    sessions = sorted(tutor_spans.index)
+    session_annotations = _session_annotations(phoenix_url, project, sessions)
+    assert sorted((a["session_id"], a["name"], a["result"]["label"]) for a in session_annotations) == \
+        sorted([(s, "coherence", "coherent") for s in sessions] + [(s, "reveals_turn", "failing_turn") for s in sessions])
+    aggregate = next(a for a in session_annotations if a["name"] == "reveals_turn")
+    assert "first failing turn: 2 of 3" in aggregate["result"]["explanation"]
+
+    pushed = invoke("push", tmp_path / "run", "--store", "phoenix", "--endpoint", phoenix_url, "--project", project)
+    assert pushed.exit_code == 0, pushed.output
+    assert "logged 10 of 10 judgement(s) on 2 session(s), 6 of them per turn" in pushed.output
+    again = _span_annotations(phoenix_url, project, list(spans["context.span_id"]))
+    assert sorted(a["id"] for a in again) == sorted(a["id"] for a in annotations)
+    assert len(_session_annotations(phoenix_url, project, sessions)) == 4
+
+    # judging the sessions again from Phoenix (simbench judge --store) logs onto the same spans:
+    # same judge, model name and sample, so the new turn verdicts replace the old ones
+    judge_fake = make_fake(judge_label=lambda prompt, labels: labels[0])
+    judges = base_matrix(judge_fake.base_url, judges={"model": "fake", "use": ["reveals_turn"],
+                                                      "custom": {"reveals_turn": TURN_JUDGE}})
+    now = datetime.now(timezone.utc)
+    judged = invoke("judge", "--store", "phoenix", "--endpoint", phoenix_url, "--project", project,
+                    "--start", (now - timedelta(hours=1)).isoformat(), "--end", (now + timedelta(minutes=1)).isoformat(),
+                    "--matrix", write_matrix(judges, "judges.yaml"), "--out", tmp_path / "judged", "-q", "--no-cache")
+    assert judged.exit_code == 0, judged.output
+    assert judge_fake.roles["judge"] == 6
+    rejudged = _span_annotations(phoenix_url, project, list(spans["context.span_id"]))
+    assert sorted(a["id"] for a in rejudged) == sorted(a["id"] for a in annotations)
+    assert {a["result"]["label"] for a in rejudged} == {"withholds"}

@@ -26,6 +26,16 @@ class PushResult:
     judgements: int
     logged: int
     spans_resent: int = 0
+    turn_judgements: int = 0
+    """Per-turn verdicts sent besides the session ``judgements`` (``logged`` counts both)."""
+
+    @property
+    def sent(self) -> int:
+        return self.judgements + self.turn_judgements
+
+    def turns_note(self) -> str:
+        """For messages: how many of those sent were per-turn verdicts (nothing when none)."""
+        return f", {self.turn_judgements} of them per turn on the turn's tutor span" if self.turn_judgements else ""
 
 
 def run_window(store: RunStore, spans: pd.DataFrame | None = None) -> tuple[datetime, datetime]:
@@ -47,19 +57,21 @@ def run_selection(store: RunStore, run_id: str, local_spans: pd.DataFrame) -> Sp
 
 
 def push_judgements(trace_store: TraceStore, store: RunStore, spans: pd.DataFrame | None = None) -> PushResult:
-    """Log every judgement of the run's counted sessions to ``trace_store``.
+    """Log every judgement of the run's counted sessions to ``trace_store``: session verdicts onto
+    their sessions, per-turn verdicts onto their turn's tutor span.
 
     ``spans``: the span dataframe of those sessions as the store holds them (a store like AX logs a
     session judgement on a span id it assigned); default the run's own copy, which has the same ids.
     """
     counted = {s["session_id"] for s in store.latest_sessions() if s["status"] == "completed"}
     judgements = [j for j in store.judgements() if j.session_id in counted]
+    turns = [j for j in store.turn_judgements() if j.session_id in counted]
     if spans is None:
         spans = spans_dataframe(store)
         spans = spans[spans["attributes.session.id"].isin(counted)]
     resent = resend_missing_spans(trace_store, store, spans)
-    logged = trace_store.log_judgements(judgements, spans)
-    return PushResult(len({j.session_id for j in judgements}), len(judgements), logged, resent)
+    logged = trace_store.log_judgements(judgements + turns, spans)
+    return PushResult(len({j.session_id for j in judgements}), len(judgements), logged, resent, len(turns))
 
 
 def resend_missing_spans(trace_store: TraceStore, store: RunStore, spans: pd.DataFrame) -> int:

@@ -5,8 +5,9 @@ Space id and API key come from the environment (never the matrix). Spans go in t
 ``ArizeClient.spans.export_to_df`` over the run's time window, filtered on the run id the session ids
 carry, only the columns the session rebuild needs, polling until AX has ingested the spans the run
 sent (AX ingests with a delay); session judgements go to ``spans.update_evaluations`` as
-``session_eval.<judge>.label/score/explanation`` on the root span of each session's first trace, with
-the SDK's client-side validation on.
+``session_eval.<judge>.label/score/explanation`` on the root span of each session's first trace, and
+per-turn judgements as ``eval.<judge>.*`` on their turn's tutor span, with the SDK's client-side
+validation on.
 
 This path is tested up to the network (AX is not reachable from the test machine): the evaluation
 dataframe passes the SDK's own validation, and the export mapping reads a dataframe shaped the way
@@ -166,18 +167,20 @@ def select(frame: pd.DataFrame, selection: SpanSelection) -> pd.DataFrame:
 
 
 def evaluations_frame(judgements: list[Judgement], roots: dict[str, str]) -> pd.DataFrame:
-    """One row per session, on its root span: ``session_eval.<judge>.label/score/explanation``.
+    """One row per span: a session verdict as ``session_eval.<judge>.label/score/explanation`` on the
+    root span of its session's first trace, a per-turn verdict as ``eval.<judge>.*`` on its turn's
+    tutor span (turn 1's span is often also the root: both land in one row).
 
     AX holds one value per span and name, so a judge sampled several times logs its first ``ok`` sample.
     Judge names are identifiers (checked when the matrix loads): AX drops names with '.' or '-'.
     """
     rows: dict[str, dict[str, Any]] = {}
     for j in sorted((j for j in judgements if j.status == "ok"), key=lambda j: j.judge_sample):
-        span_id = roots.get(j.session_id)
-        if span_id is None:
+        span_id = roots.get(j.session_id) if j.turn is None else j.span_id
+        if not span_id:
             continue
         row = rows.setdefault(span_id, {"context.span_id": span_id})
-        prefix = f"session_eval.{j.judge}"
+        prefix = f"session_eval.{j.judge}" if j.turn is None else f"eval.{j.judge}"
         if f"{prefix}.label" in row:
             continue
         row[f"{prefix}.label"] = j.label

@@ -3,8 +3,8 @@
 Spans go in over OTLP/HTTP (``<endpoint>/v1/traces``) into ``project``; they come back through
 ``phoenix.client``'s ``get_spans_dataframe``, which answers at most ``limit`` spans (1,000 by
 default) and truncates silently, so ``spans`` splits the time window until every page is short of
-the limit; judgements go back as session annotations (annotator kind LLM, ``sync=True`` so we know
-they landed). A ``PHOENIX_API_KEY`` in the environment is sent with both, for servers with auth.
+the limit; session judgements go back as session annotations and per-turn judgements as span
+annotations on their turn's tutor span (annotator kind LLM, ``sync=True`` so we know they landed). A ``PHOENIX_API_KEY`` in the environment is sent with both, for servers with auth.
 """
 
 from __future__ import annotations
@@ -133,29 +133,53 @@ class PhoenixStore(TraceStore):
     # -- judgements back --------------------------------------------------------------------
 
     def log_judgements(self, judgements: list[Judgement], spans: pd.DataFrame) -> int:
-        rows = annotation_rows(judgements)
+        """Session verdicts as session annotations, per-turn verdicts as span annotations on their
+        turn's tutor span; both ``sync=True`` so the count is what the server stored."""
+        sessions = [j for j in judgements if j.turn is None]
+        turns = [j for j in judgements if j.turn is not None]
+        return (self._annotate("session", self.client.sessions.log_session_annotations_dataframe,
+                               annotation_rows(sessions))
+                + self._annotate("span", self.client.spans.log_span_annotations_dataframe,
+                                 span_annotation_rows(turns)))
+
+    def _annotate(self, kind: str, log_dataframe, rows: list[dict]) -> int:
         if not rows:
             return 0
         try:
-            inserted = self.client.sessions.log_session_annotations_dataframe(
-                dataframe=pd.DataFrame(rows), annotator_kind="LLM", sync=True)
+            inserted = log_dataframe(dataframe=pd.DataFrame(rows), annotator_kind="LLM", sync=True)
         except httpx.HTTPStatusError as exc:
-            raise TraceStoreError(f"{self.describe()}: logging session annotations failed: HTTP "
+            raise TraceStoreError(f"{self.describe()}: logging {kind} annotations failed: HTTP "
                                   f"{exc.response.status_code} {exc.response.text[:300]}") from None
         except Exception as exc:  # transport errors, and phoenix.client's own (e.g. a server too old)
-            raise TraceStoreError(f"{self.describe()}: logging session annotations failed: "
+            raise TraceStoreError(f"{self.describe()}: logging {kind} annotations failed: "
                                   f"{type(exc).__name__}: {exc}") from None
         return len(inserted or [])
 
 
+def _identifier(j: Judgement) -> str:
+    """Tells the judge samples apart, and makes a second push update an annotation instead of adding
+    a copy (Phoenix upserts on name, session or span, and identifier)."""
+    return f"simbench:{j.judge_model}:{j.judge_sample}"
+
+
 def annotation_rows(judgements: Sequence[Judgement]) -> list[dict]:
-    """One session annotation per ``ok`` judgement. ``identifier`` tells the judge samples apart and
-    makes a second push update the annotation instead of adding a copy."""
+    """One session annotation per ``ok`` session judgement."""
     return [
         {"session_id": j.session_id, "name": j.judge, "label": j.label, "score": j.score,
-         "explanation": j.explanation or "", "identifier": f"simbench:{j.judge_model}:{j.judge_sample}",
+         "explanation": j.explanation or "", "identifier": _identifier(j),
          "metadata": {"judge_model": j.judge_model, "judge_sample": j.judge_sample, "passed": j.passed}}
         for j in judgements if j.status == "ok"
+    ]
+
+
+def span_annotation_rows(turns: Sequence[Judgement]) -> list[dict]:
+    """One span annotation per ``ok`` per-turn judgement, on the tutor span of its turn."""
+    return [
+        {"span_id": j.span_id, "name": j.judge, "label": j.label, "score": j.score,
+         "explanation": j.explanation or "", "identifier": _identifier(j),
+         "metadata": {"judge_model": j.judge_model, "judge_sample": j.judge_sample, "passed": j.passed,
+                      "session_id": j.session_id, "turn": j.turn}}
+        for j in turns if j.status == "ok" and j.span_id
     ]
 
 

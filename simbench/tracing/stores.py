@@ -50,7 +50,7 @@ class SpanSelection:
 
 class TraceStore(ABC):
     """One backend. ``check`` before any model call; ``span_processor`` while simulating;
-    ``spans`` to read sessions back; ``log_judgements`` to write verdicts onto sessions."""
+    ``spans`` to read sessions back; ``log_judgements`` to write verdicts onto sessions and turn spans."""
 
     kind: str = ""
 
@@ -70,8 +70,9 @@ class TraceStore(ABC):
         """The selected spans as the span dataframe. Never silently fewer than the store holds."""
 
     def log_judgements(self, judgements: list[Judgement], spans: pd.DataFrame) -> int:
-        """Log the ``ok`` judgements onto their sessions; ``spans`` (the span dataframe of those
-        sessions) lets a store find the span a session judgement belongs on. Returns how many landed."""
+        """Log the ``ok`` judgements: a session verdict onto its session (``spans``, the span
+        dataframe of those sessions, lets a store find the span it belongs on), a per-turn verdict
+        (``turn`` set) onto its ``span_id``. Returns how many landed."""
         return 0
 
     def close(self) -> None:
