@@ -202,13 +202,16 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="scenarios: " + ", ".join(f"{k} {v}" for k, v in SCENARIOS.items()))
-    parser.add_argument("scenarios", nargs="*", choices=[[], *SCENARIOS], metavar="SCENARIO",
+    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                         help=f"which to run (default: all of {', '.join(SCENARIOS)})")
     parser.add_argument("--sessions", type=int, help="override the session count (a quick smoke run)")
     parser.add_argument("--repeat", type=int, default=1, help="run each scenario this many times (to see the spread)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="record each run with py-spy into DIR/<scenario>-<n>.json (speedscope format)")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.scenarios if name not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(unknown)} (choose from {', '.join(SCENARIOS)})")
     names = args.scenarios or list(SCENARIOS)
     print(f"simbench engine benchmark; {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M %Z')}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

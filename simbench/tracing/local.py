@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import pandas as pd
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
