@@ -7,6 +7,8 @@ child process, so its CPU time and peak RSS are its own.
     python benchmarks/engine.py                 # every scenario
     python benchmarks/engine.py sim64 judge64   # some of them
     python benchmarks/engine.py sim64 --sessions 100   # a quick smoke run of one scenario
+    python benchmarks/engine.py sim64 --repeat 3       # three runs, to see the spread
+    python benchmarks/engine.py sim64 --profile prof/  # py-spy profile of the harness process
 
 Sessions have 3 tutor + 3 student calls (max_turns 3). Bounds: a session needs 6 sequential calls,
 so simulation cannot beat ``concurrency / (6 x latency)`` sessions/s; judging cannot beat
@@ -15,6 +17,7 @@ so simulation cannot beat ``concurrency / (6 x latency)`` sessions/s; judging ca
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -22,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -63,6 +67,28 @@ concurrency: {concurrency}
 """, len(personas) * len(topics) * repeats
 
 
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuSampler(threading.Thread):
+    """Samples (wall clock, process CPU) every 0.2 s, to tell the simulation phase's CPU from the rest."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.samples: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            self.samples.append((time.time(), _cpu_s()))
+
+    def cpu_between(self, start: float, end: float) -> float:
+        inside = [cpu for t, cpu in self.samples if start <= t <= end]
+        return inside[-1] - inside[0] if len(inside) > 1 else 0.0
+
+
 def child(spec: dict) -> None:
     """Run one scenario in this process and print its figures as JSON."""
     sys.path.insert(0, str(ROOT))
@@ -80,17 +106,21 @@ def child(spec: dict) -> None:
     results = {}
     for label in (["first", "rerun"] if spec.get("rerun") else ["first"]):
         before = stats()
-        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        sampler = CpuSampler()
+        sampler.start()
+        cpu0 = _cpu_s()
         t0 = time.perf_counter()
         run_matrix(matrix, tmp / label, cache_path=tmp / "cache.sqlite" if spec.get("rerun") else None,
                    progress=False, judge=spec["judges"])
         wall = time.perf_counter() - t0
-        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu1 = _cpu_s()
+        sampler.stop.set()
         after = stats()
         calls = {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)}
         store = RunStore.open_run_dir(tmp / label)
         sessions = store.latest_sessions()
-        sim_wall = max(s["ended_at"] for s in sessions) - min(s["started_at"] for s in sessions)
+        sim_start, sim_end = min(s["started_at"] for s in sessions), max(s["ended_at"] for s in sessions)
+        sim_wall = sim_end - sim_start
         judge_times = [r["created_at"] for r in store._read("SELECT created_at FROM evaluations")]
         sim_calls = sum(1 for _ in store._read("SELECT 1 FROM calls WHERE role IN ('tutor','student')"))
         results[label] = {
@@ -102,14 +132,20 @@ def child(spec: dict) -> None:
             "judge_wall_s": round(max(judge_times) - min(judge_times), 2) if judge_times else None,
             "model_calls": calls,
             "sim_calls_accounted": sim_calls,
-            "cpu_s": round((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime), 2),
+            "cpu_s": round(cpu1 - cpu0, 2),
+            # The middle 80% of the simulation phase: CPU per call at steady load, without start-up and tail.
+            "sim_cpu_s": round(sampler.cpu_between(sim_start + 0.1 * sim_wall, sim_end - 0.1 * sim_wall), 2),
+            # Calls in that window: the tutor's LLM spans ending in it, each paired with one student call.
+            "sim_window_calls": 2 * store._read(
+                "SELECT COUNT(*) FROM spans WHERE span_kind = 'LLM' AND end_time BETWEEN ? AND ?",
+                (int((sim_start + 0.1 * sim_wall) * 1e9), int((sim_end - 0.1 * sim_wall) * 1e9)))[0][0],
         }
         store.close()
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(results))
 
 
-def run_scenario(name: str, sessions: int | None = None) -> dict:
+def run_scenario(name: str, sessions: int | None = None, profile: Path | None = None) -> dict:
     spec = dict(SCENARIOS[name])
     if sessions:
         spec["sessions"] = sessions
@@ -120,10 +156,16 @@ def run_scenario(name: str, sessions: int | None = None) -> dict:
         server.stdout.readline()  # "fake openai server on ..."
         with tempfile.TemporaryDirectory() as tmp:
             spec.update(base_url=f"http://127.0.0.1:{port}/v1", tmp=tmp)
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+            command = [sys.executable, __file__, "--child", json.dumps(spec)]
+            if profile is not None:
+                profile.parent.mkdir(parents=True, exist_ok=True)
+                py_spy = Path(sys.executable).parent / "py-spy"
+                command = [str(py_spy), "record", "--format", "speedscope", "--rate", "200", "-o", str(profile), "--", *command]
+            out = subprocess.run(command, capture_output=True, text=True)
             if out.returncode != 0:
                 raise RuntimeError(out.stderr[-3000:])
-            return json.loads(out.stdout.strip().splitlines()[-1])
+            # The child's figures are its last JSON line (py-spy prints its own lines after it).
+            return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
     finally:
         server.terminate()
         server.wait()
@@ -139,7 +181,9 @@ def report(name: str, r: dict) -> None:
     bound = c / (6 * lat)
     print(f"   simulation: {sim_rate:.2f} sessions/s; bound {bound:.2f}; ratio {sim_rate / bound:.2f}")
     calls = first["sim_calls_accounted"] + first["judgements"]
-    print(f"   harness CPU: {1000 * first['cpu_s'] / max(1, calls):.2f} ms per model call ({first['cpu_s']} s / {calls} calls)")
+    print(f"   harness CPU: {1000 * first['cpu_s'] / max(1, calls):.2f} ms per model call, whole run "
+          f"({first['cpu_s']} s / {calls} calls); {1000 * first['sim_cpu_s'] / max(1, first['sim_window_calls']):.2f} ms "
+          f"at steady simulation load ({first['sim_cpu_s']} s / {first['sim_window_calls']} calls)")
     if spec["judges"] and first["judge_wall_s"]:
         jr = first["judgements"] / first["judge_wall_s"]
         print(f"   judging: {jr:.2f} judgements/s; bound {c / lat:.2f}; ratio {jr / (c / lat):.2f}")
@@ -155,15 +199,26 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--child"]:
         child(json.loads(argv[1]))
         return
-    sessions = None
-    if "--sessions" in argv:
-        i = argv.index("--sessions")
-        sessions = int(argv[i + 1])
-        argv = argv[:i] + argv[i + 2:]
-    names = argv or list(SCENARIOS)
-    print(f"simbench engine benchmark; {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="scenarios: " + ", ".join(f"{k} {v}" for k, v in SCENARIOS.items()))
+    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                        help=f"which to run (default: all of {', '.join(SCENARIOS)})")
+    parser.add_argument("--sessions", type=int, help="override the session count (a quick smoke run)")
+    parser.add_argument("--repeat", type=int, default=1, help="run each scenario this many times (to see the spread)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="record each run with py-spy into DIR/<scenario>-<n>.json (speedscope format)")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.scenarios if name not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(unknown)} (choose from {', '.join(SCENARIOS)})")
+    names = args.scenarios or list(SCENARIOS)
+    print(f"simbench engine benchmark; {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M %Z')}; "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for name in names:
-        report(name, run_scenario(name, sessions))
+        for n in range(1, args.repeat + 1):
+            profile = args.profile / f"{name}-{n}.json" if args.profile else None
+            report(name, run_scenario(name, args.sessions, profile))
 
 
 if __name__ == "__main__":

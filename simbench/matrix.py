@@ -5,6 +5,7 @@ Validation runs before any model call. Library code downstream trusts a ``Matrix
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import string
@@ -555,8 +556,14 @@ def import_matrix(sessions: list["ImportedSession"], name: str, base: Optional[M
 _JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
 
 
+@functools.lru_cache(maxsize=256)
+def _compiled(template: str) -> jinja2.Template:
+    """Compiling a template costs more than a model call's client work: compile each variant once."""
+    return _JINJA.from_string(template)
+
+
 def _render(template: str, topic: Topic) -> str:
-    return _JINJA.from_string(template).render(topic=topic.model_dump())
+    return _compiled(template).render(topic=topic.model_dump())
 
 
 def load_matrix(path: Union[str, Path]) -> Matrix:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import secrets
 import sys
 import time
@@ -101,7 +102,8 @@ def run_matrix(
             if uses_local:
                 _log("Using the embedded SmolLM2-135M model: it checks that the pipeline works; "
                      "do not trust its answers or its judgements.")
-            asyncio.run(_simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge, remote))
+            with _fewer_gc_passes():
+                asyncio.run(_simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge, remote))
         store.finish_run("finished")
         if remote is not None and judge:
             _log_back(remote, store, run_dir)
@@ -115,6 +117,26 @@ def run_matrix(
             remote.close()
         if cache is not None:
             cache.close()
+
+
+@contextlib.contextmanager
+def _fewer_gc_passes(young_threshold: int = 10_000) -> Iterator[None]:
+    """Spend less of the run's CPU in the cyclic garbage collector; restore its settings afterwards.
+
+    Every model call allocates thousands of short-lived objects, so the default threshold (700)
+    runs a young collection every few calls, and each full collection walks every object the
+    imports created (openai, pandas, scipy, phoenix). Measured at 256 sessions in flight: ~8% of the
+    harness CPU went to the collector, ~2% with the import-time objects frozen and a larger young
+    generation. Reference counting frees almost everything anyway; cycles are still collected.
+    """
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(young_threshold, *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 def _open_run(matrix: Matrix, run_dir: Optional[Path], resume: bool,

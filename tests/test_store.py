@@ -222,3 +222,24 @@ def test_a_schema_1_file_opens_and_gains_the_import_tables(tmp_path):
         assert store.setting("judge_samples") == 3 and store.setting("missing", "d") == "d"
     finally:
         store.close()
+
+
+def test_local_spans_reach_the_file_at_flush_in_one_batch(tmp_path):
+    """The runner commits a session only after a flush: spans must be in the file after it, not lost."""
+    from simbench.tracing.local import local_span_processor
+    from simbench.tracing.setup import flush_spans, route_spans_to, tracer
+
+    store = RunStore(tmp_path / "run.sqlite")
+    with route_spans_to(local_span_processor(store)):
+        for name in ("a", "b", "c"):
+            with tracer().start_as_current_span(name) as span:
+                span.set_attribute("session.id", "run/sample/1")
+        assert store.span_rows() == []  # held in memory until the flush
+        assert flush_spans()
+        assert sorted(r["name"] for r in store.span_rows()) == ["a", "b", "c"]
+        with tracer().start_as_current_span("d"):
+            pass
+    # Leaving the run's block flushes what is left.
+    assert sorted(r["name"] for r in store.span_rows()) == ["a", "b", "c", "d"]
+    assert {r["session_id"] for r in store.span_rows()} == {"run/sample/1", None}
+    store.close()

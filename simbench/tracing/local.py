@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Optional, Sequence
+import threading
+from typing import Any, Optional
 
 import pandas as pd
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
 from ..store import RunStore, dumps
 
@@ -28,23 +28,39 @@ _LIST_ATTRIBUTES = ("llm.input_messages", "llm.output_messages")
 _INDEXED = re.compile(r"^(llm\.(?:input|output)_messages)\.(\d+)\.(.+)$")
 
 
-class SQLiteSpanExporter(SpanExporter):
-    """Writes finished spans into the run's SQLite file."""
+class SQLiteSpanProcessor(SpanProcessor):
+    """Keeps finished spans in memory and writes them to the run's SQLite file on flush.
+
+    The runner flushes before it commits each finished session, so a committed session's spans are
+    always in the file. Writing on flush, in one transaction, rather than one transaction per span
+    as a ``SimpleSpanProcessor`` would, saves a commit for every model call. Spans still pending
+    when the process dies belong to unfinished sessions, which resume redoes under a new attempt.
+    """
 
     def __init__(self, store: RunStore):
         self.store = store
+        self._pending: list[ReadableSpan] = []
+        self._lock = threading.Lock()
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self.store.add_spans([_row(span) for span in spans])
-        return SpanExportResult.SUCCESS
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.context.trace_flags.sampled:
+            with self._lock:
+                self._pending.append(span)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        with self._lock:
+            spans, self._pending = self._pending, []
+        if spans:
+            self.store.add_spans([_row(span) for span in spans])
+        return True
 
     def shutdown(self) -> None:
-        pass
+        self.force_flush()
 
 
 def local_span_processor(store: RunStore) -> SpanProcessor:
-    """Synchronous export: a span is in the file when it ends, so a flush before commit is cheap."""
-    return SimpleSpanProcessor(SQLiteSpanExporter(store))
+    """The local store's processor: spans reach the file at each flush (before a session is committed)."""
+    return SQLiteSpanProcessor(store)
 
 
 def _row(span: ReadableSpan) -> tuple:
