@@ -53,10 +53,11 @@ def _parse_gates(values: tuple[str, ...]) -> dict[str, float]:
 def _print_outcome(outcome) -> None:
     s = outcome.summary["sessions"]
     click.echo(f"sessions: {s['planned']} planned, {s['completed']} completed, {s['errored']} errored")
+    width = max((len(dim) for dim in outcome.summary["dimensions"]), default=0)
     for dim, d in outcome.summary["dimensions"].items():
         o = d["overall"]
         rate = "–" if o["fail_rate"] is None else f"{100 * o['fail_rate']:.0f}%"
-        click.echo(f"  {dim:<16} fail rate {rate:>4}  ({o['fail']}/{o['judged']} judged; {o['error']} error, {o['skipped']} skipped)")
+        click.echo(f"  {dim:<{width}}  fail rate {rate:>4}  ({o['fail']}/{o['judged']} judged; {o['error']} error, {o['skipped']} skipped)")
     sim = outcome.summary.get("simulator_errors")
     if sim and sim["overall"]["flagged"]:
         click.echo(f"  simulator errors: {sim['overall']['flagged']}/{sim['overall']['judged']} sessions "
