@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conftest import base_matrix, invoke, run_cli
@@ -76,6 +78,9 @@ def test_turn_verdicts_per_span_and_session_aggregate(make_fake, write_matrix, t
     html = (out / "report.html").read_text()
     assert "At which turn do sessions go wrong?" in html and "first fails at turn 2" in html
     assert "turn 2 · reveals_turn" in html
+    ids = re.findall(r'\bid="([^"]+)"', html)
+    assert len(ids) == len(set(ids)), sorted(i for i in set(ids) if ids.count(i) > 1)  # every link has one target
+    assert 'href="#failing-turns"' in html and 'id="failing-turns"' in html
 
     # resume with nothing missing asks no judge again
     calls = fake.chat_calls
