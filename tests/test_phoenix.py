@@ -98,21 +98,26 @@ def _phoenix_spans(url: str, project: str):
         limit=100_000, timeout=60)
 
 
-def _session_annotations(url: str, project: str, session_ids: list[str]) -> list[dict]:
-    """Session annotations through Phoenix's REST API (phoenix.client has no reader for them yet)."""
+def _annotations(url: str, project: str, kind: str, ids: list[str]) -> list[dict]:
+    """Session or span annotations (``kind``) through Phoenix's REST API, paged, read directly rather
+    than through simbench's store (phoenix.client has no reader for session annotations yet)."""
     out: list[dict] = []
     cursor = None
     while True:
-        params: dict = {"session_ids": session_ids, "limit": 1000}
+        params: dict = {f"{kind}_ids": ids, "limit": 1000}
         if cursor:
             params["cursor"] = cursor
-        response = httpx.get(f"{url}/v1/projects/{project}/session_annotations", params=params, timeout=30)
+        response = httpx.get(f"{url}/v1/projects/{project}/{kind}_annotations", params=params, timeout=30)
         response.raise_for_status()
         body = response.json()
         out.extend(body["data"])
         cursor = body.get("next_cursor")
         if not cursor:
             return out
+
+
+def _session_annotations(url: str, project: str, session_ids: list[str]) -> list[dict]:
+    return _annotations(url, project, "session", session_ids)
 
 
 def _labels_by_judge(prompt: str, labels: list[str]) -> str:
@@ -358,20 +363,7 @@ def test_a_store_that_fails_mid_run_loses_nothing(phoenix_url, fake, write_matri
 
 
 def _span_annotations(url: str, project: str, span_ids: list[str]) -> list[dict]:
-    """Span annotations through Phoenix's REST API, read directly (not through simbench's store)."""
-    out: list[dict] = []
-    cursor = None
-    while True:
-        params: dict = {"span_ids": span_ids, "limit": 1000}
-        if cursor:
-            params["cursor"] = cursor
-        response = httpx.get(f"{url}/v1/projects/{project}/span_annotations", params=params, timeout=30)
-        response.raise_for_status()
-        body = response.json()
-        out.extend(body["data"])
-        cursor = body.get("next_cursor")
-        if not cursor:
-            return out
+    return _annotations(url, project, "span", span_ids)
 
 
 def test_per_turn_judgements_are_span_annotations_on_their_tutor_spans(phoenix_url, make_fake, write_matrix,
