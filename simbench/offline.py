@@ -27,8 +27,8 @@ from .matrix import Matrix, Persona, Topic, TutorSpec
 from .models.cache import ResponseCache
 from .models.endpoints import limiters_for
 from .models.limits import RunCounters
-from .pipeline import (RunError, RunOutcome, _embedded_server, _endpoints, _judge_run, _log_back, _report,
-                       _store_settings, judge_settings, new_run_id)
+from .pipeline import (RunError, RunOutcome, embedded_server, judge_run, judge_settings, log_back, new_run_id,
+                       reachable_endpoints, store_settings, summarize_and_report)
 from .records import Sample, SimulatedSession, Transcript
 from .store import RUN_FILE, RunStore
 from .tracing.local import add_span_frame, spans_dataframe
@@ -108,18 +108,18 @@ def judge_spans(
     try:
         run_id = new_run_id()
         store.create_run(run_id, matrix.name, source, matrix.fingerprint, matrix.model_dump_json(), __version__)
-        _store_settings(store, judge_settings(matrix, judge_samples, judge_temperature))
+        store_settings(store, judge_settings(matrix, judge_samples, judge_temperature))
         _store_sessions(store, sessions, spans)
-        with _embedded_server(matrix, run_dir, matrix.uses_local()) as local_url:
-            endpoints = _endpoints(matrix, local_url)
+        with embedded_server(matrix, run_dir, matrix.uses_local()) as local_url:
+            endpoints = reachable_endpoints(matrix, local_url)
             counters = RunCounters()
             limiters = limiters_for(matrix, counters)
-            asyncio.run(_judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters,
+            asyncio.run(judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters,
                                    spans_dataframe(store)))
         store.finish_run("finished")
         if log_to is not None:
-            _log_back(log_to, store, run_dir)
-        return _report(matrix, store, run_dir, None)
+            log_back(log_to, store, run_dir)
+        return summarize_and_report(matrix, store, run_dir, None)
     finally:
         store.close()
         if cache is not None:

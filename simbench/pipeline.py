@@ -92,13 +92,13 @@ def run_matrix(
     cache = ResponseCache(cache_path) if cache_path else None
     try:
         if not resume:
-            _store_settings(store, judge_settings(matrix, judge_samples, judge_temperature))
+            store_settings(store, judge_settings(matrix, judge_samples, judge_temperature))
         elif judge_samples is not None and judge_samples != store.setting(JUDGE_SAMPLES_SETTING, 1):
             raise RunError(f"{run_dir}: this run asks each judge {store.setting(JUDGE_SAMPLES_SETTING, 1)} time(s); "
                            f"resume it without --judge-samples, or start a new run", 2)
         uses_local = matrix.uses_local()
-        with _embedded_server(matrix, run_dir, uses_local) as local_url:
-            endpoints = _endpoints(matrix, local_url)
+        with embedded_server(matrix, run_dir, uses_local) as local_url:
+            endpoints = reachable_endpoints(matrix, local_url)
             if uses_local:
                 _log("Using the embedded SmolLM2-135M model: it checks that the pipeline works; "
                      "do not trust its answers or its judgements.")
@@ -106,8 +106,8 @@ def run_matrix(
                 asyncio.run(_simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge, remote))
         store.finish_run("finished")
         if remote is not None and judge:
-            _log_back(remote, store, run_dir)
-        outcome = _report(matrix, store, run_dir, gates)
+            log_back(remote, store, run_dir)
+        outcome = summarize_and_report(matrix, store, run_dir, gates)
         if outcome.summary["sessions"]["planned"] and not outcome.summary["sessions"]["completed"]:
             raise RunError(f"every session errored (reasons in {outcome.report_path})", 3)
         return outcome
@@ -165,7 +165,7 @@ def _open_run(matrix: Matrix, run_dir: Optional[Path], resume: bool,
 
 
 @contextlib.contextmanager
-def _embedded_server(matrix: Matrix, run_dir: Path, needed: bool,
+def embedded_server(matrix: Matrix, run_dir: Path, needed: bool,
                      context: Optional[int] = None) -> Iterator[Optional[str]]:
     """The embedded model while the block runs; ``context``: tokens a slot needs (default: the matrix's)."""
     if not needed:
@@ -181,7 +181,7 @@ def _embedded_server(matrix: Matrix, run_dir: Path, needed: bool,
         raise RunError(str(exc), 3) from None
 
 
-def _endpoints(matrix: Matrix, local_url: Optional[str]) -> dict[str, Endpoint]:
+def reachable_endpoints(matrix: Matrix, local_url: Optional[str]) -> dict[str, Endpoint]:
     try:
         endpoints = endpoints_for(matrix, local_url)
     except EndpointError as exc:
@@ -241,7 +241,7 @@ def _session_spans(store: RunStore, run_id: str, remote: Optional[TraceStore]):
         return local
 
 
-def _log_back(remote: TraceStore, store: RunStore, run_dir: Path) -> None:
+def log_back(remote: TraceStore, store: RunStore, run_dir: Path) -> None:
     try:
         result = push_judgements(remote, store)
     except TraceStoreError as exc:
@@ -269,7 +269,7 @@ async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress,
         await tutor.client.close()
         await student.client.close()
     if judge:
-        await _judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters,
+        await judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters,
                          _session_spans(store, run_id, remote))
 
 
@@ -291,7 +291,7 @@ def judge_settings(matrix: Matrix, samples: Optional[int], temperature: Optional
     return {JUDGE_SAMPLES_SETTING: samples, JUDGE_TEMPERATURE_SETTING: temperature}
 
 
-def _store_settings(store: RunStore, settings: dict[str, Any]) -> None:
+def store_settings(store: RunStore, settings: dict[str, Any]) -> None:
     for key, value in settings.items():
         store.set_setting(key, value)
 
@@ -312,7 +312,7 @@ def judge_input_for(matrix: Matrix, transcript, session: dict) -> JudgeInput:
                       persona=persona_text(persona))
 
 
-async def _judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters, spans=None) -> None:
+async def judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters, spans=None) -> None:
     """Judge every completed session that has no verdict yet, reading transcripts from the trace store.
 
     Built-in and custom judges take the same path; judges are grouped by the model they run on.
@@ -381,7 +381,7 @@ def _save_turn_aggregates(store: RunStore, inputs: list[JudgeInput], names: tupl
     store.add_judgements(aggregates, {})
 
 
-def _report(matrix: Matrix, store: RunStore, run_dir: Path, gates: Optional[dict[str, float]]) -> RunOutcome:
+def summarize_and_report(matrix: Matrix, store: RunStore, run_dir: Path, gates: Optional[dict[str, float]]) -> RunOutcome:
     summary = build_summary(store)
     thresholds = {**matrix.gates, **(gates or {})}
     checks = check_gates(summary, thresholds)
@@ -399,7 +399,7 @@ def rebuild_report(run_dir: Path) -> RunOutcome:
     store = RunStore.open_run_dir(run_dir)
     try:
         matrix = Matrix.model_validate_json(store.run()["matrix_json"])
-        return _report(matrix, store, Path(run_dir), None)
+        return summarize_and_report(matrix, store, Path(run_dir), None)
     finally:
         store.close()
 
@@ -434,16 +434,16 @@ def judge_transcripts(
     store, run_id, run_dir = _open_run(spec, run_dir, False, samples_for(sessions))
     cache = ResponseCache(cache_path) if cache_path else None
     try:
-        _store_settings(store, {**judge_settings(spec, judge_samples, judge_temperature), **(settings or {})})
+        store_settings(store, {**judge_settings(spec, judge_samples, judge_temperature), **(settings or {})})
         import_sessions(store, run_id, sessions, str(path))
-        with _embedded_server(spec, run_dir, spec.uses_local(), context) as local_url:
-            endpoints = _endpoints(spec, local_url)
+        with embedded_server(spec, run_dir, spec.uses_local(), context) as local_url:
+            endpoints = reachable_endpoints(spec, local_url)
             if spec.uses_local():
                 _log("Judging with the embedded SmolLM2-135M model: it checks that the pipeline works; "
                      "do not trust its judgements.")
             asyncio.run(_judge_only(spec, store, endpoints, cache, progress))
         store.finish_run("finished")
-        return _report(spec, store, run_dir, gates)
+        return summarize_and_report(spec, store, run_dir, gates)
     finally:
         store.close()
         if cache is not None:
@@ -453,7 +453,7 @@ def judge_transcripts(
 async def _judge_only(matrix: Matrix, store: RunStore, endpoints, cache, progress: bool) -> None:
     counters = RunCounters()
     limiters = limiters_for(matrix, counters)
-    await _judge_run(matrix, store.run()["run_id"], store, endpoints, cache, limiters, progress, counters)
+    await judge_run(matrix, store.run()["run_id"], store, endpoints, cache, limiters, progress, counters)
 
 
 def _imported_context(matrix: Matrix, sessions: list[ImportedSession], source: str) -> Optional[int]:
