@@ -435,3 +435,51 @@ def test_per_turn_judgements_are_span_annotations_on_their_tutor_spans(phoenix_u
     rejudged = _span_annotations(phoenix_url, project, list(spans["context.span_id"]))
     assert sorted(a["id"] for a in rejudged) == sorted(a["id"] for a in annotations)
     assert {a["result"]["label"] for a in rejudged} == {"withholds"}
+
+
+def test_custom_per_turn_and_multi_stage_judges_in_one_matrix_reach_phoenix(phoenix_url, make_fake, write_matrix,
+                                                                             tmp_path, open_run):
+    """The library's judges together: a custom session judge behind a cheap rule (multi-stage), a
+    per-turn judge and a built-in one, run on the fake server into a real Phoenix."""
+    from test_custom_judges import MARKER as SESSION_MARKER, REVEALS
+    from test_turn_judges import TURN_JUDGE, _tutor
+
+    def label(prompt: str, labels: list[str]) -> str:
+        return "reveals" if "Reply: The answer is" in prompt or SESSION_MARKER in prompt else labels[0]
+
+    fake = make_fake(tutor=_tutor, judge_label=label)
+    project = "simbench-library-judges"
+    matrix = _phoenix_matrix(fake.base_url, phoenix_url, project, max_turns=3)
+    matrix["judges"]["custom"] = {
+        "reveals_turn": TURN_JUDGE,
+        # Only sessions whose tutor says "answer is" reach this judge (here every session, at turn 2).
+        "reveals_answer": {**REVEALS, "when": {"text": "tutor", "regex": "answer is"}},
+        # A rule no session meets: the judge is skipped everywhere and never called.
+        "long_talk": {"prompt": "Still on topic? {transcript}", "choices": {"on": 1, "off": 0},
+                      "when": {"min_chars": 100000}},
+    }
+    matrix["judges"]["use"] = ["coherence", "reveals_turn", "reveals_answer", "long_talk"]
+    result = run_cli(write_matrix(matrix), tmp_path / "run", "--no-cache")
+    assert result.exit_code == 0, result.output
+
+    files = open_run(tmp_path / "run")
+    sessions = [s["session_id"] for s in files.sessions()]
+    by_judge: dict[str, list[dict]] = {}
+    for j in files.judgements():
+        by_judge.setdefault(j["judge"], []).append(j)
+    assert {j["status"] for j in by_judge["long_talk"]} == {"skipped"}
+    assert {(j["status"], j["label"]) for j in by_judge["reveals_answer"]} == {("ok", "reveals")}
+    assert {j["label"] for j in by_judge["reveals_turn"]} == {"failing_turn"}
+    assert not [r for r in fake.requests_of("judge") if "Still on topic?" in str(r["messages"])]
+
+    annotations = _session_annotations(phoenix_url, project, sessions)
+    logged = {(a["session_id"], a["name"]) for a in annotations}
+    for session_id in sessions:
+        assert {(session_id, name) for name in ("coherence", "reveals_turn", "reveals_answer")} <= logged
+        assert (session_id, "long_talk") not in logged  # a skipped judgement is not a verdict
+    spans = _phoenix_spans(phoenix_url, project)
+    turn_annotations = _span_annotations(phoenix_url, project, list(spans["context.span_id"]))
+    assert len(turn_annotations) == 3 * len(sessions)
+    assert [a["result"]["label"] for a in sorted(turn_annotations, key=lambda a: (a["metadata"]["session_id"],
+                                                                                  a["metadata"]["turn"]))] == \
+        ["withholds", "reveals", "withholds"] * len(sessions)
