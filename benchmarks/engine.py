@@ -140,6 +140,12 @@ def child(spec: dict) -> None:
                 "SELECT COUNT(*) FROM spans WHERE span_kind = 'LLM' AND end_time BETWEEN ? AND ?",
                 (int((sim_start + 0.1 * sim_wall) * 1e9), int((sim_end - 0.1 * sim_wall) * 1e9)))[0][0],
         }
+        if len(judge_times) > 1:
+            # The middle 80% of the judging phase: CPU per judge call (one per judgement) at steady load.
+            j0, j1 = min(judge_times), max(judge_times)
+            lo, hi = j0 + 0.1 * (j1 - j0), j1 - 0.1 * (j1 - j0)
+            results[label]["judge_cpu_s"] = round(sampler.cpu_between(lo, hi), 2)
+            results[label]["judge_window_calls"] = sum(lo <= t <= hi for t in judge_times)
         store.close()
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(results))
@@ -187,6 +193,10 @@ def report(name: str, r: dict) -> None:
     if spec["judges"] and first["judge_wall_s"]:
         jr = first["judgements"] / first["judge_wall_s"]
         print(f"   judging: {jr:.2f} judgements/s; bound {c / lat:.2f}; ratio {jr / (c / lat):.2f}")
+        if first.get("judge_window_calls"):
+            print(f"   harness CPU per judge call at steady judging load: "
+                  f"{1000 * first['judge_cpu_s'] / first['judge_window_calls']:.2f} ms "
+                  f"({first['judge_cpu_s']} s / {first['judge_window_calls']} calls)")
     if "rerun" in r:
         rr = r["rerun"]
         print(f"   cached re-run: wall {rr['wall_s']} s, model calls made {sum(rr['model_calls'].values())}, "

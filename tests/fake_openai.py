@@ -189,16 +189,25 @@ class FakeOpenAI:
             content = self.tutor(request)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in request["messages"])
         completion_tokens = len(content.split())
+        message = {"role": "assistant", "content": content}
+        if role == "judge" and request.get("tools"):
+            # phoenix.evals' fallback when structured output is refused: the answer comes as a tool call
+            name = request["tools"][0]["function"]["name"]
+            message = {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": name, "arguments": content}}]}
         return json.dumps({
             "id": f"chatcmpl-{time.monotonic_ns()}", "object": "chat.completion", "created": int(time.time()),
             "model": request.get("model", "fake"),
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }).encode()
 
     def _judge_content(self, request: dict) -> str:
-        schema = request["response_format"]["json_schema"]["schema"]
+        if request.get("tools"):
+            schema = request["tools"][0]["function"]["parameters"]
+        else:
+            schema = request["response_format"]["json_schema"]["schema"]
         labels = schema["properties"]["label"]["enum"]
         prompt = "\n".join(str(m.get("content", "")) for m in request["messages"])
         if self.judge_reply is not None:

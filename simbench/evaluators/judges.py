@@ -30,6 +30,7 @@ from ..models.limits import ModelLimiter
 from ..models.transport import CallScope, call_scope
 from ..records import CallRecord, Judgement, Transcript
 from .builtin import JudgeDefinition
+from .judge_client import JUDGE_CLIENT
 
 # phoenix.evals gives every task a hard 60 s and then requeues it (its retries come at once, with no
 # back-off; ours happen in the transport). A requeued row waits on the same in-flight request
@@ -198,9 +199,11 @@ def turn_rows(item: JudgeInput, judge_sample: int) -> list[dict]:
 
 
 def judge_llm(client: httpx2.AsyncClient, endpoint: Endpoint, requests_per_second: float) -> LLM:
-    """phoenix.evals' LLM on our transport (cache, limits, retries, accounting), without its slow default rate."""
+    """phoenix.evals' LLM on our transport (cache, limits, retries, accounting), without its slow default rate,
+    through the client that posts phoenix's request body without openai's transform (``judge_client``)."""
     return LLM(
         provider="openai",
+        client=JUDGE_CLIENT,
         model=endpoint.model,
         base_url=endpoint.base_url,
         api_key=endpoint.api_key,
