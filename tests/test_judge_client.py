@@ -20,7 +20,7 @@ from phoenix.evals.llm.types import ObjectGenerationMethod
 
 from fake_openai import FakeOpenAI
 from simbench.evaluators.builtin import BUILTIN
-from simbench.evaluators.judges import SessionJudge, _bounded_explanation, judge_llm, session_row, JudgeInput
+from simbench.evaluators.judges import JudgeInput, SessionJudge, _bounded_explanation, judge_llm, session_row
 from simbench.models.endpoints import Endpoint
 from simbench.records import Message, Transcript
 
@@ -74,7 +74,7 @@ def _assert_same_requests(before: tuple, after: tuple) -> None:
 
 
 def test_a_session_judge_sends_the_same_request_through_either_client():
-    definition = BUILTIN["stays_on_topic"] if "stays_on_topic" in BUILTIN else next(iter(BUILTIN.values()))
+    definition = BUILTIN["coherence"]
     transcript = Transcript("s1", "v", [Message("tutor", "What is 1/2 + 1/4?"), Message("student", "3/4")])
     row = session_row(JudgeInput(transcript, sample_key="k", topic="adding fractions", goal="add fractions",
                                  reference="3/4", subject="maths", persona="terse: says little",
@@ -145,3 +145,13 @@ def test_phoenix_default_openai_client_is_unchanged():
 
     llm = LLM(provider="openai", model="m", api_key=API_KEY, base_url="http://127.0.0.1:9/v1")
     assert isinstance(llm._async_client.client, AsyncOpenAI)
+
+
+def test_judge_llm_uses_the_judge_client():
+    """Otherwise the comparisons above would compare phoenix's client with itself."""
+    from simbench.evaluators.judge_client import PostedChatCompletions
+
+    http = httpx2.AsyncClient()
+    llm = judge_llm(http, Endpoint("fake", "http://127.0.0.1:9/v1", "fake", API_KEY, 30.0), 100.0)
+    assert isinstance(llm._async_client.chat.completions, PostedChatCompletions)
+    asyncio.run(http.aclose())
