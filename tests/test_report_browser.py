@@ -496,18 +496,11 @@ def sampled_run(tmp_path_factory):
     """Three imported sessions judged 3 times each: coherence of "a" unstable (2 of 3), "b" fails, "c" passes."""
     import subprocess
     import sys
-    from collections import Counter
+
+    from test_judge_samples import _scripted_judge
 
     tmp = tmp_path_factory.mktemp("sampled-run")
-    seen: Counter = Counter()
-
-    def label(prompt: str, labels: list[str]) -> str:
-        marker = prompt.split("<<")[1].split(">>")[0]
-        if judge_name(prompt) != "coherence":
-            return labels[0]
-        seen[marker] += 1
-        return {"a": labels[1] if seen[marker] == 2 else labels[0], "b": labels[1], "c": labels[0]}[marker]
-
+    label = _scripted_judge()
     lines = [json.dumps({"session_id": m, "metadata": {"reference": "5/6"}, "messages": [
         {"role": "user", "content": "What is 1/2 + 1/3?"},
         {"role": "assistant", "content": f"<<{m}>> Use sixths."}]}) for m in "abc"]
