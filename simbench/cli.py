@@ -380,8 +380,8 @@ def judge(run_dir, store_kind, endpoint, project, start, end, where, matrix_path
     Writes a new run directory with the same report as `run`; RUN_DIR itself is not changed.
     Exit codes: 0 done, 1 a gate failed (--transcripts), 2 invalid input, 3 the run could not complete.
     """
-    from .offline import judge_spans, open_remote, spans_from_run, spans_from_store
-    from .pipeline import RunError, new_run_id
+    from .offline import judge_spans, spans_from_run, spans_from_store
+    from .pipeline import RunError, new_run_id, open_remote
 
     if sum(x is not None for x in (run_dir, store_kind, transcripts)) != 1:
         raise click.UsageError("give one of RUN_DIR, --store (with --project, --start and --end) or --transcripts FILE")

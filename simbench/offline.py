@@ -25,14 +25,12 @@ from .evaluators.logback import PushResult, push_judgements
 from .evaluators.sessions import rebuild_sessions
 from .matrix import Matrix, Persona, Topic, TutorSpec
 from .models.cache import ResponseCache
-from .models.endpoints import limiters_for
-from .models.limits import RunCounters
-from .pipeline import (RunError, RunOutcome, embedded_server, judge_run, judge_settings, log_back, new_run_id,
-                       reachable_endpoints, store_settings, summarize_and_report)
+from .pipeline import (RunError, RunOutcome, embedded_server, judge_settings, judge_stored_sessions, log_back,
+                       new_run_id, open_remote, reachable_endpoints, store_settings, summarize_and_report)
 from .records import Sample, SimulatedSession, Transcript
 from .store import RUN_FILE, RunStore
 from .tracing.local import add_span_frame, spans_dataframe
-from .tracing.stores import SpanSelection, StoreConfig, TraceStore, TraceStoreError, open_store
+from .tracing.stores import SpanSelection, StoreConfig, TraceStore, TraceStoreError
 
 IMPORTED_VARIANT = "production"
 UNKNOWN = "unknown"
@@ -59,15 +57,6 @@ def spans_from_store(trace_store: TraceStore, start: datetime, end: datetime, wh
         return trace_store.spans(SpanSelection(start=start, end=end, where=where))
     except TraceStoreError as exc:
         raise RunError(f"trace store: {exc}", exc.exit_code) from None
-
-
-def open_remote(config: StoreConfig) -> TraceStore:
-    try:
-        trace_store = open_store(config)
-        trace_store.check()
-    except TraceStoreError as exc:
-        raise RunError(f"trace store: {exc}", exc.exit_code) from None
-    return trace_store
 
 
 # -- judging --------------------------------------------------------------------------------------
@@ -112,10 +101,7 @@ def judge_spans(
         _store_sessions(store, sessions, spans)
         with embedded_server(matrix, run_dir, matrix.uses_local()) as local_url:
             endpoints = reachable_endpoints(matrix, local_url)
-            counters = RunCounters()
-            limiters = limiters_for(matrix, counters)
-            asyncio.run(judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters,
-                                   spans_dataframe(store)))
+            asyncio.run(judge_stored_sessions(matrix, store, endpoints, cache, progress, spans_dataframe(store)))
         store.finish_run("finished")
         if log_to is not None:
             log_back(log_to, store, run_dir)

@@ -197,16 +197,22 @@ def reachable_endpoints(matrix: Matrix, local_url: Optional[str]) -> dict[str, E
     return endpoints
 
 
+def open_remote(config: StoreConfig) -> TraceStore:
+    """A remote trace store, checked reachable before any model call (``RunError`` with its exit code if not)."""
+    try:
+        remote = open_store(config)
+        remote.check()
+    except TraceStoreError as exc:
+        raise RunError(f"trace store: {exc}", exc.exit_code) from None
+    return remote
+
+
 def open_remote_store(matrix: Matrix) -> Optional[TraceStore]:
     """The matrix's remote trace store, checked reachable; None for ``local`` (the run's file only)."""
     spec = matrix.trace_store
     if spec.kind == "local":
         return None
-    try:
-        remote = open_store(StoreConfig(spec.kind, spec.endpoint, spec.project, spec.space_id_env, spec.api_key_env))
-        remote.check()
-    except TraceStoreError as exc:
-        raise RunError(f"trace store: {exc}", exc.exit_code) from None
+    remote = open_remote(StoreConfig(spec.kind, spec.endpoint, spec.project, spec.space_id_env, spec.api_key_env))
     _log(f"Tracing to {remote.describe()}.")
     return remote
 
@@ -441,7 +447,7 @@ def judge_transcripts(
             if spec.uses_local():
                 _log("Judging with the embedded SmolLM2-135M model: it checks that the pipeline works; "
                      "do not trust its judgements.")
-            asyncio.run(_judge_only(spec, store, endpoints, cache, progress))
+            asyncio.run(judge_stored_sessions(spec, store, endpoints, cache, progress))
         store.finish_run("finished")
         return summarize_and_report(spec, store, run_dir, gates)
     finally:
@@ -450,10 +456,12 @@ def judge_transcripts(
             cache.close()
 
 
-async def _judge_only(matrix: Matrix, store: RunStore, endpoints, cache, progress: bool) -> None:
+async def judge_stored_sessions(matrix: Matrix, store: RunStore, endpoints, cache, progress: bool,
+                                spans=None) -> None:
+    """Judge the sessions already in a run's file (imported ones: nothing to simulate) with fresh limits."""
     counters = RunCounters()
     limiters = limiters_for(matrix, counters)
-    await judge_run(matrix, store.run()["run_id"], store, endpoints, cache, limiters, progress, counters)
+    await judge_run(matrix, store.run()["run_id"], store, endpoints, cache, limiters, progress, counters, spans)
 
 
 def _imported_context(matrix: Matrix, sessions: list[ImportedSession], source: str) -> Optional[int]:
