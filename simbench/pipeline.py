@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import gc
+import os
 import secrets
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 from opentelemetry.sdk.trace import SpanProcessor, SynchronousMultiSpanProcessor
 from tqdm import tqdm
@@ -25,17 +28,20 @@ from .evaluators.logback import push_judgements, run_selection
 from .evaluators.sessions import rebuild_sessions
 from .evaluators.transcripts import ImportedSession, TranscriptError, import_sessions, load_transcripts, samples_for
 from .evaluators.turns import aggregate_turns
-from .matrix import LOCAL_MAX_CONTEXT, Matrix, import_matrix, judge_prompt_tokens
+from .matrix import LOCAL_MAX_CONTEXT, Matrix, import_matrix, judge_prompt_tokens, store_secret_env_names
 from .models.cache import ResponseCache
-from .models.embedded import EmbeddedModelError, EmbeddedServer, slot_context
+from .models.embedded import EMBEDDED_LOG, EmbeddedModelError, EmbeddedServer, require_installed, slot_context
 from .models.endpoints import Endpoint, EndpointError, check_reachable, endpoints_for, limiters_for, openai_client
 from .models.limits import RunCounters
 from .records import CallRecord, Judgement, Sample
+from .redact import redact, redacting_processor, register_env
 from .reports.gates import check_gates, gate_failures  # noqa: F401  (gate_failures: the public name)
 from .reports.html import write_report
 from .reports.summary import JUDGE_SAMPLES_SETTING, JUDGE_TEMPERATURE_SETTING, build_summary, write_summary
 from .simulator.agents import Agent
+from .simulator.app import AppError, running_app
 from .simulator.runner import pending_samples, simulate
+from .simulator.tutors import CallableTutor, HttpTutor, PromptTutor, Tutor, expand_env
 from .store import RUN_FILE, RunStore
 from .tracing.local import local_span_processor, spans_dataframe
 from .tracing.setup import route_spans_to
@@ -48,6 +54,14 @@ class RunError(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run. ``run_dir``: the run to resume (None: it had not started, nothing was kept)."""
+
+    def __init__(self, run_dir: Optional[Path]):
+        super().__init__(f"interrupted: {run_dir}" if run_dir else "interrupted before the run started")
+        self.run_dir = run_dir
 
 
 @dataclass
@@ -69,7 +83,15 @@ def default_run_dir(matrix: Matrix, run_id: str) -> Path:
 
 
 def _log(message: str) -> None:
-    tqdm.write(message, file=sys.stderr)
+    tqdm.write(redact(message), file=sys.stderr)
+
+
+def check_gate_names(matrix: Matrix, gates: Optional[dict[str, float]]) -> None:
+    """Gates given on the command line must name judges that run: checked before any model call."""
+    unknown = [dim for dim in gates or {} if dim not in matrix.judges.use]
+    if unknown:
+        raise RunError(f"--gate {', '.join(unknown)}: not a judge of this run; the judges are "
+                       f"{', '.join(matrix.judges.use)}", 2)
 
 
 def run_matrix(
@@ -83,13 +105,29 @@ def run_matrix(
     judge: bool = True,
     judge_samples: Optional[int] = None,
     judge_temperature: Optional[float] = None,
+    retry_errors: bool = False,
 ) -> RunOutcome:
     """Simulate, judge and report a matrix. ``cache_path`` None turns the response cache off;
     ``judge=False`` stops after simulation (sessions stay unjudged until a resumed run judges them).
-    ``judge_samples``/``judge_temperature``: see ``judge_settings`` (a resumed run keeps its own)."""
-    remote = open_remote_store(matrix)  # before the run directory and any model call
-    store, run_id, run_dir = _open_run(matrix, run_dir, resume)
-    cache = ResponseCache(cache_path) if cache_path else None
+    ``judge_samples``/``judge_temperature``: see ``judge_settings`` (a resumed run keeps its own).
+    ``retry_errors``: errored sessions get a new attempt and ``error`` judgements are asked again.
+
+    The run directory is locked for the whole call (another run into it gets ``RunError`` 2). A new
+    run that fails before its first session (missing key, unreachable model) removes what it created.
+    Ctrl-C raises ``RunInterrupted`` with the directory to resume.
+    """
+    check_gate_names(matrix, gates)
+    cache = ResponseCache(cache_path) if cache_path else None  # a damaged cache fails before anything starts
+    remote = None
+    try:
+        remote = open_remote_store(matrix)  # before the run directory and any model call
+        store, run_id, run_dir, hold = _open_run(matrix, run_dir, resume)
+    except BaseException:
+        for opened in (remote, cache):
+            if opened is not None:
+                opened.close()
+        raise
+    started = resume  # a resumed run's directory is never removed
     try:
         if not resume:
             store_settings(store, judge_settings(matrix, judge_samples, judge_temperature))
@@ -102,17 +140,25 @@ def run_matrix(
             if uses_local:
                 _log("Using the embedded SmolLM2-135M model: it checks that the pipeline works; "
                      "do not trust its answers or its judgements.")
-            with _fewer_gc_passes():
-                asyncio.run(_simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge, remote))
+            with tutor_app(matrix, run_dir, endpoints) as app:
+                started = True
+                with _fewer_gc_passes():
+                    asyncio.run(_simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge, remote,
+                                                    retry_errors, app))
         store.finish_run("finished")
         if remote is not None and judge:
             log_back(remote, store, run_dir)
         outcome = summarize_and_report(matrix, store, run_dir, gates)
-        if outcome.summary["sessions"]["planned"] and not outcome.summary["sessions"]["completed"]:
-            raise RunError(f"every session errored (reasons in {outcome.report_path})", 3)
+        raise_if_nothing_done(store, outcome, judge)
         return outcome
+    except KeyboardInterrupt:
+        raise RunInterrupted(run_dir if started else None) from None
     finally:
         store.close()
+        if started:
+            hold.release()
+        else:
+            hold.discard()
         if remote is not None:
             remote.close()
         if cache is not None:
@@ -139,29 +185,83 @@ def _fewer_gc_passes(young_threshold: int = 10_000) -> Iterator[None]:
         gc.unfreeze()
 
 
+LOCK_FILE = "run.lock"
+
+
+class RunDirHold:
+    """A run directory this command writes: an exclusive lock on ``RUN_DIR/run.lock`` (``flock``,
+    released when the process ends, even by SIGKILL) held for the whole command, and what the
+    command created there, so a run that never started can remove exactly that (``discard``).
+    Readers (``judge RUN_DIR``, ``report``) take no lock."""
+
+    def __init__(self, run_dir: Path, created_dirs: list[Path], existing: set[str]):
+        self.run_dir, self.created_dirs, self.existing = run_dir, created_dirs, existing
+        self._handle = open(run_dir / LOCK_FILE, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._handle.seek(0)
+            holder = self._handle.read().strip()
+            self._handle.close()
+            raise RunError(f"{run_dir} is in use by another simbench run{f' (pid {holder})' if holder else ''}; "
+                           "wait for it to end, or choose another --out", 2) from None
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(str(os.getpid()))
+        self._handle.flush()
+
+    def release(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+
+    def discard(self) -> None:
+        """Remove the files and directories this command created (nothing that was there before)."""
+        for name in sorted(set(os.listdir(self.run_dir)) - self.existing):
+            path = self.run_dir / name
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+        self.release()
+        for directory in self.created_dirs:  # deepest first
+            with contextlib.suppress(OSError):  # not empty: something else wrote there
+                directory.rmdir()
+
+
 def _open_run(matrix: Matrix, run_dir: Optional[Path], resume: bool,
-              samples: Optional[list[Sample]] = None) -> tuple[RunStore, str, Path]:
-    """Open (``resume``) or create a run; ``samples`` (default: the matrix's) are its plan."""
+              samples: Optional[list[Sample]] = None) -> tuple[RunStore, str, Path, RunDirHold]:
+    """Open (``resume``) or create a run, locked; ``samples`` (default: the matrix's) are its plan.
+    The caller releases the hold when done (or discards it: see ``RunDirHold``)."""
     if resume:
         if run_dir is None:
             raise RunError("--resume needs --out RUN_DIR (the run to finish)", 2)
         if not (Path(run_dir) / RUN_FILE).exists():
             raise RunError(f"{run_dir}: no run to resume ({RUN_FILE} is missing)", 2)
-        store = RunStore.open_run_dir(run_dir)
-        run = store.run()
-        if run is None or run["matrix_fingerprint"] != matrix.fingerprint:
-            store.close()
-            raise RunError(f"{run_dir}: the matrix changed since this run started; start a new run instead of resuming", 2)
-        return store, run["run_id"], Path(run_dir)
+        hold = RunDirHold(Path(run_dir), [], set(os.listdir(run_dir)))
+        try:
+            store = RunStore.open_run_dir(run_dir)
+            run = store.run()
+            if run is None or run["matrix_fingerprint"] != matrix.fingerprint:
+                store.close()
+                raise RunError(f"{run_dir}: the matrix changed since this run started; start a new run instead of resuming", 2)
+        except BaseException:
+            hold.release()
+            raise
+        return store, run["run_id"], Path(run_dir), hold
     run_id = new_run_id()
     run_dir = Path(run_dir) if run_dir else default_run_dir(matrix, run_id)
-    if (run_dir / RUN_FILE).exists():
-        raise RunError(f"{run_dir} already holds a run; pass --resume to finish it, or another --out", 2)
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    existing = set(os.listdir(run_dir)) if run_dir.is_dir() else set()
     run_dir.mkdir(parents=True, exist_ok=True)
-    store = RunStore.open_run_dir(run_dir)
-    store.create_run(run_id, matrix.name, matrix.source, matrix.fingerprint, matrix.model_dump_json(), __version__)
-    store.add_samples(matrix.samples() if samples is None else samples)
-    return store, run_id, run_dir
+    hold = RunDirHold(run_dir, created, existing)  # a run going on in it: "in use"
+    try:
+        if (run_dir / RUN_FILE).exists():
+            raise RunError(f"{run_dir} already holds a run; pass --resume to finish it, or another --out", 2)
+        store = RunStore.open_run_dir(run_dir)
+        store.create_run(run_id, matrix.name, matrix.source, matrix.fingerprint, matrix.model_dump_json(), __version__)
+        store.add_samples(matrix.samples() if samples is None else samples)
+    except BaseException:
+        hold.discard()
+        raise
+    return store, run_id, run_dir, hold
 
 
 @contextlib.contextmanager
@@ -171,17 +271,22 @@ def embedded_server(matrix: Matrix, run_dir: Path, needed: bool,
     if not needed:
         yield None
         return
+    try:
+        require_installed()
+    except EmbeddedModelError as exc:
+        raise RunError(str(exc), 2) from None
     names = matrix.local_model_names()
     slot = slot_context(context or matrix.local_context_needed())
-    _log(f"Starting the embedded model (llama-server, {slot} tokens per slot)...")
+    _log(f"Starting the embedded model ({slot} tokens per slot)...")
     try:
-        with EmbeddedServer(names.pop(), slot, log_path=run_dir / "llama-server.log") as server:
+        with EmbeddedServer(names.pop(), slot, log_path=run_dir / EMBEDDED_LOG) as server:
             yield server.base_url
     except EmbeddedModelError as exc:
         raise RunError(str(exc), 3) from None
 
 
 def reachable_endpoints(matrix: Matrix, local_url: Optional[str]) -> dict[str, Endpoint]:
+    register_env(matrix.secret_env_names())  # masked in every error stored or printed from now on
     try:
         endpoints = endpoints_for(matrix, local_url)
     except EndpointError as exc:
@@ -193,12 +298,13 @@ def reachable_endpoints(matrix: Matrix, local_url: Optional[str]) -> dict[str, E
     try:
         asyncio.run(check_all())
     except EndpointError as exc:
-        raise RunError(str(exc), 3) from None
+        raise RunError(str(exc), exc.exit_code) from None
     return endpoints
 
 
 def open_remote(config: StoreConfig) -> TraceStore:
     """A remote trace store, checked reachable before any model call (``RunError`` with its exit code if not)."""
+    register_env(store_secret_env_names(config.space_id_env, config.api_key_env))
     try:
         remote = open_store(config)
         remote.check()
@@ -225,7 +331,7 @@ def _span_processor(store: RunStore, remote: Optional[TraceStore]) -> SpanProces
         return local
     both = SynchronousMultiSpanProcessor()
     both.add_span_processor(local)
-    both.add_span_processor(remote.span_processor())
+    both.add_span_processor(redacting_processor(remote.span_processor()))  # the run's file redacts its own
     return both
 
 
@@ -258,25 +364,70 @@ def log_back(remote: TraceStore, store: RunStore, run_dir: Path) -> None:
          f"to {remote.describe()}.")
 
 
-async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge=True, remote=None) -> None:
+@dataclass(frozen=True)
+class RunningApp:
+    """An http tutor's app, up for the run: where it answers and the headers every request carries."""
+
+    base_url: str
+    headers: dict[str, str]
+
+
+@contextlib.contextmanager
+def tutor_app(matrix: Matrix, run_dir: Path, endpoints: dict[str, Endpoint]) -> Iterator[Optional[RunningApp]]:
+    """An http tutor's app for the run (started by its ``start`` command, if any, and checked
+    reachable before any session); None for the other kinds."""
+    spec = matrix.tutor.http
+    if matrix.tutor.kind != "http" or spec is None:
+        yield None
+        return
+    try:
+        headers = {name: expand_env(value, os.environ) for name, value in spec.headers.items()}
+    except KeyError as exc:
+        raise RunError(f"tutor.http.headers: environment variable {exc.args[0]} is not set", 2) from None
+    env: dict[str, str] = {}
+    if matrix.tutor.model is not None:  # the model the app may call, as a callable gets it in TurnContext.model
+        endpoint = endpoints[f"tutor:{matrix.tutor.model}"]
+        env.update(SIMBENCH_MODEL_BASE_URL=endpoint.base_url, SIMBENCH_MODEL=endpoint.model,
+                   SIMBENCH_MODEL_API_KEY=endpoint.api_key)
+    if matrix.trace_store.kind == "phoenix":  # an instrumented app traces into the run's project
+        env.update(PHOENIX_COLLECTOR_ENDPOINT=matrix.trace_store.endpoint or "",
+                   PHOENIX_PROJECT_NAME=matrix.trace_store.project or "")
+    folder = Path(matrix.base_dir) if matrix.base_dir else None
+    try:
+        with running_app(spec, folder, run_dir, headers, env) as base_url:
+            yield RunningApp(base_url, headers)
+    except AppError as exc:
+        raise RunError(str(exc), exc.exit_code) from None
+
+
+def tutor_for(matrix: Matrix, endpoints: dict[str, Endpoint], cache, limiters, app: Optional[RunningApp]) -> Tutor:
+    """The tutor of the matrix's kind, on the run's one call path."""
+    if matrix.tutor.kind == "callable":
+        return CallableTutor(matrix, endpoints, cache, limiters)
+    if matrix.tutor.kind == "http":
+        return HttpTutor(matrix, endpoints, app.base_url, app.headers, cache, limiters)
+    return PromptTutor(matrix, endpoints, cache, limiters)
+
+
+async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge=True, remote=None,
+                              retry_errors=False, app: Optional["RunningApp"] = None) -> None:
     counters = RunCounters()
     limiters = limiters_for(matrix, counters)
-    tutor = Agent(openai_client(endpoints["tutor"], cache, limiters[endpoints["tutor"].name]), endpoints["tutor"],
-                  matrix.tutor.max_tokens, matrix.tutor.temperature)
+    tutor = tutor_for(matrix, endpoints, cache, limiters, app)
     student = Agent(openai_client(endpoints["student"], cache, limiters[endpoints["student"].name]), endpoints["student"],
                     matrix.student.max_tokens, matrix.student.temperature)
-    todo = pending_samples(store, matrix.samples())
+    todo = pending_samples(store, matrix.samples(), retry_errors)
     try:
         with route_spans_to(_span_processor(store, remote)):
             with tqdm(total=len(matrix.samples()), initial=len(matrix.samples()) - len(todo), desc="sessions",
                       unit="session", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
                 await simulate(matrix, run_id, todo, tutor, student, store, bar, counters)
     finally:
-        await tutor.client.close()
+        await tutor.aclose()
         await student.client.close()
     if judge:
         await judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters,
-                         _session_spans(store, run_id, remote))
+                        _session_spans(store, run_id, remote), retry_errors=retry_errors)
 
 
 # --judge-samples N > 1 without --judge-temperature: at temperature 0 the samples would agree trivially.
@@ -318,31 +469,39 @@ def judge_input_for(matrix: Matrix, transcript, session: dict) -> JudgeInput:
                       persona=persona_text(persona))
 
 
-async def judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters, spans=None) -> None:
+async def judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters, spans=None, *,
+                    retry_errors: bool = False) -> None:
     """Judge every completed session that has no verdict yet, reading transcripts from the trace store.
 
     Built-in and custom judges take the same path; judges are grouped by the model they run on.
     Each judge reads each session ``judge_samples`` times (a run setting, see ``judge_settings``).
+    ``retry_errors``: ``error`` verdicts are asked again (others are kept).
     """
     latest = {s["session_id"]: s for s in store.latest_sessions() if s["status"] == "completed"}
     samples = store.setting(JUDGE_SAMPLES_SETTING, 1)
     temperature = store.setting(JUDGE_TEMPERATURE_SETTING, matrix.judges.temperature)
-    done = {(j.session_id, j.judge, j.judge_sample) for j in store.judgements()}
+    done = {(j.session_id, j.judge, j.judge_sample) for j in store.judgements()
+            if not (retry_errors and j.status == "error")}
     if spans is None:
         spans = spans_dataframe(store, f"{run_id}/")
     transcripts = [t for t in rebuild_sessions(spans) if t.session_id in latest]
     definitions = matrix.judges.definitions()
-    # A resumed run may have some judges done for a session: ask only for the missing ones (all
-    # samples of a judge again when one is missing: the cache answers the ones already stored).
-    # Groups: (model, per-turn or not, judge names) -> sessions. Per-turn judges read other rows.
-    groups: dict[tuple[str, bool, tuple[str, ...]], list[JudgeInput]] = {}
+    # A resumed run may have some judgements of a session stored: ask only for the missing
+    # (session, judge, sample) ones, even without the cache.
+    # Groups: (model, per-turn or not, judge names, sample indices) -> sessions. Per-turn judges read other rows.
+    groups: dict[tuple[str, bool, tuple[str, ...], tuple[int, ...]], list[JudgeInput]] = {}
     for t in transcripts:
-        missing = [d for d in definitions if any((t.session_id, d.name, i) not in done for i in range(samples))]
+        owed = {d.name: tuple(i for i in range(samples) if (t.session_id, d.name, i) not in done) for d in definitions}
+        item = None
         for model in matrix.judge_model_names():
             for per_turn in (False, True):
-                names = tuple(d.name for d in missing if matrix.judges.model_of(d.name) == model and d.per_turn == per_turn)
-                if names:
-                    groups.setdefault((model, per_turn, names), []).append(judge_input_for(matrix, t, latest[t.session_id]))
+                by_indices: dict[tuple[int, ...], list[str]] = {}
+                for d in definitions:
+                    if owed[d.name] and matrix.judges.model_of(d.name) == model and d.per_turn == per_turn:
+                        by_indices.setdefault(owed[d.name], []).append(d.name)
+                for indices, names in by_indices.items():
+                    item = item or judge_input_for(matrix, t, latest[t.session_id])
+                    groups.setdefault((model, per_turn, tuple(names), indices), []).append(item)
 
     by_status = {"error": 0, "skipped": 0}
 
@@ -361,30 +520,54 @@ async def judge_run(matrix, run_id, store, endpoints, cache, limiters, progress,
     def rows_per_session(item: JudgeInput, per_turn: bool) -> int:
         return max(1, sum(m.role == "tutor" for m in item.transcript.messages)) if per_turn else 1
 
-    total = samples * sum(len(names) * sum(rows_per_session(i, per_turn) for i in inputs)
-                for (_, per_turn, names), inputs in groups.items())
+    total = sum(len(indices) * len(names) * sum(rows_per_session(i, per_turn) for i in inputs)
+                for (_, per_turn, names, indices), inputs in groups.items())
     with tqdm(total=total, desc="judgements", unit="judgement", disable=not progress or not total,
               file=sys.stderr, dynamic_ncols=True) as bar:
-        for (model, per_turn, names), inputs in groups.items():
+        for (model, per_turn, names, indices), inputs in groups.items():
             endpoint = endpoints[f"judge:{model}"]
             await judge_sessions(inputs, [matrix.judges.definition(n) for n in names], endpoint, cache,
                                  limiters[endpoint.name], save,
                                  concurrency=matrix.concurrency, max_tokens=matrix.judges.max_tokens,
-                                 temperature=temperature, judge_samples=samples, progress=bar)
+                                 temperature=temperature, judge_samples=samples, progress=bar,
+                                 sample_indices=indices, on_unjudged_calls=store.add_calls)
             if per_turn:
-                _save_turn_aggregates(store, inputs, names, endpoint.name, turn_verdicts, samples)
+                _save_turn_aggregates(store, inputs, names, endpoint.name, turn_verdicts, indices)
 
 
 def _save_turn_aggregates(store: RunStore, inputs: list[JudgeInput], names: tuple[str, ...], model: str,
-                          turn_verdicts: dict[tuple[str, str, str, int], list[Judgement]], samples: int = 1) -> None:
-    """One session verdict per per-turn judge and judgement sample, from the turn verdicts just stored
-    (see evaluators/turns.py)."""
+                          turn_verdicts: dict[tuple[str, str, str, int], list[Judgement]],
+                          indices: Sequence[int] = (0,)) -> None:
+    """One session verdict per per-turn judge and judgement sample (``indices``), from the turn
+    verdicts just stored (see evaluators/turns.py)."""
     aggregates = [
         aggregate_turns(item.transcript.session_id, name, model, sample,
                         turn_verdicts.get((item.transcript.session_id, name, model, sample), []))
-        for item in inputs for name in names for sample in range(samples)
+        for item in inputs for name in names for sample in indices
     ]
     store.add_judgements(aggregates, {})
+
+
+def raise_if_nothing_done(store: RunStore, outcome: RunOutcome, judged: bool = True) -> None:
+    """``RunError`` 3 when the run produced nothing to rate: every session errored, or (``judged``)
+    every judgement did. The message gives the most common reason; the report is written already."""
+    sessions = outcome.summary["sessions"]
+    if sessions["planned"] and not sessions["completed"]:
+        reasons = Counter(s["error"] or "no reason recorded" for s in store.latest_sessions() if s["status"] == "errored")
+        if reasons:
+            reason, n = reasons.most_common(1)[0]
+            raise RunError(f"every session errored; the most common reason ({n} of {sessions['errored']}): {reason} "
+                           f"(all of them in {outcome.report_path})", 3)
+        raise RunError(f"no session completed (see {outcome.report_path})", 3)
+    if not judged:
+        return
+    counted = {s["session_id"] for s in store.latest_sessions() if s["status"] == "completed"}
+    judgements = [j for j in store.judgements() if j.session_id in counted]
+    errors = [j for j in judgements if j.status == "error"]
+    if errors and not any(j.status == "ok" for j in judgements):
+        first = errors[0]
+        raise RunError(f"every judgement errored ({len(errors)}); the first, {first.judge} on {first.session_id}: "
+                       f"{first.error} (all of them in {outcome.report_path})", 3)
 
 
 def summarize_and_report(matrix: Matrix, store: RunStore, run_dir: Path, gates: Optional[dict[str, float]]) -> RunOutcome:
@@ -398,13 +581,28 @@ def summarize_and_report(matrix: Matrix, store: RunStore, run_dir: Path, gates: 
     return RunOutcome(run_dir, summary, failures, report_path, summary_path)
 
 
+def stored_matrix(store: RunStore) -> Matrix:
+    """The matrix a run file recorded; ``RunError`` (exit 2) when the file holds no run or an unreadable one."""
+    from pydantic import ValidationError
+
+    run = store.run()
+    if run is None:
+        raise RunError(f"{store.path}: holds no run (an empty or foreign SQLite file)", 2)
+    try:
+        return Matrix.model_validate_json(run["matrix_json"])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise RunError(f"{store.path}: the run's matrix cannot be read ({'.'.join(map(str, first['loc']))}: "
+                       f"{first['msg']}); was it written by another simbench?", 2) from None
+
+
 def rebuild_report(run_dir: Path) -> RunOutcome:
     """Regenerate summary.json and report.html from a run's SQLite file (no model calls)."""
     if not (Path(run_dir) / RUN_FILE).exists():
         raise RunError(f"{run_dir}: not a run directory ({RUN_FILE} is missing)", 2)
     store = RunStore.open_run_dir(run_dir)
     try:
-        matrix = Matrix.model_validate_json(store.run()["matrix_json"])
+        matrix = stored_matrix(store)
         return summarize_and_report(matrix, store, Path(run_dir), None)
     finally:
         store.close()
@@ -425,6 +623,7 @@ def judge_transcripts(
     settings: Optional[dict[str, Any]] = None,
     judge_samples: Optional[int] = None,
     judge_temperature: Optional[float] = None,
+    require_verdicts: bool = False,
 ) -> RunOutcome:
     """Judge the conversations of a transcripts file (docs/transcripts.md) into a new run directory.
 
@@ -432,13 +631,21 @@ def judge_transcripts(
     embedded model). The sessions go into the run's local trace store and are judged and reported
     by the same code as a simulated run. ``sessions``: the file already parsed; ``settings``: run
     settings the report reads (``RunStore.set_setting``), stored before judging. Raises
-    ``TranscriptError`` for an invalid file (before any model call) and ``RunError`` as ``run_matrix`` does.
+    ``TranscriptError`` for an invalid file (before any model call) and ``RunError`` as ``run_matrix`` does;
+    ``require_verdicts``: also when every judgement errored (calibrate and selftest report that themselves).
     """
     sessions = load_transcripts(path) if sessions is None else sessions
     spec = import_matrix(sessions, Path(path).stem, matrix, source=str(path))
+    check_gate_names(spec, gates)
     context = _imported_context(spec, sessions, str(path))
-    store, run_id, run_dir = _open_run(spec, run_dir, False, samples_for(sessions))
     cache = ResponseCache(cache_path) if cache_path else None
+    try:
+        store, run_id, run_dir, hold = _open_run(spec, run_dir, False, samples_for(sessions))
+    except BaseException:
+        if cache is not None:
+            cache.close()
+        raise
+    started = False
     try:
         store_settings(store, {**judge_settings(spec, judge_samples, judge_temperature), **(settings or {})})
         import_sessions(store, run_id, sessions, str(path))
@@ -447,11 +654,21 @@ def judge_transcripts(
             if spec.uses_local():
                 _log("Judging with the embedded SmolLM2-135M model: it checks that the pipeline works; "
                      "do not trust its judgements.")
+            started = True
             asyncio.run(judge_stored_sessions(spec, store, endpoints, cache, progress))
         store.finish_run("finished")
-        return summarize_and_report(spec, store, run_dir, gates)
+        outcome = summarize_and_report(spec, store, run_dir, gates)
+        if require_verdicts:
+            raise_if_nothing_done(store, outcome)
+        return outcome
+    except KeyboardInterrupt:
+        raise RunInterrupted(run_dir if started else None) from None
     finally:
         store.close()
+        if started:
+            hold.release()
+        else:
+            hold.discard()
         if cache is not None:
             cache.close()
 

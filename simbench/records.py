@@ -16,6 +16,7 @@ from typing import Literal, Optional
 SessionStatus = Literal["running", "completed", "errored"]
 JudgementStatus = Literal["ok", "error", "skipped"]
 Role = Literal["tutor", "student", "judge"]
+NO_TOOL_CALLS = "(no tool calls)"
 
 
 def sample_id_for(variant: str, topic: str, persona: str, repeat: int) -> str:
@@ -59,11 +60,28 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class ToolUse:
+    """One tool call the tutor made during a turn, as the trace store holds it (a TOOL span)."""
+
+    name: str
+    arguments: str = ""
+    """The arguments as the span holds them (``tool.parameters``: usually JSON)."""
+    result: str = ""
+    """What the tool returned (the span's ``output.value``)."""
+
+    def render(self) -> str:
+        """``name(arguments) -> result``, the way judges read it."""
+        return f"{self.name}({self.arguments}) -> {self.result}"
+
+
+@dataclass(frozen=True)
 class Message:
     """One message of a conversation, from the point of view of the assistant under test."""
 
     role: Literal["student", "tutor"]
     content: str
+    tool_calls: tuple[ToolUse, ...] = ()
+    """A tutor message's tool calls within its turn, in the order they started."""
 
 
 @dataclass
@@ -100,6 +118,14 @@ class Transcript:
         """The conversation as plain text, one message per block, for judge prompts."""
         names = {"student": "Student", "tutor": "Tutor"}
         return "\n\n".join(f"{names[m.role]}: {m.content}" for m in self.messages)
+
+    def render_tool_calls(self, turn: Optional[int] = None) -> str:
+        """The tutor's tool calls, one line each: ``Turn N: name(arguments) -> result`` (only turn
+        ``turn`` when given), or ``(no tool calls)`` when there are none: the judges' ``{tool_calls}``."""
+        tutor = [m for m in self.messages if m.role == "tutor"]
+        lines = [f"Turn {n}: {call.render()}" for n, m in enumerate(tutor, start=1)
+                 if turn is None or n == turn for call in m.tool_calls]
+        return "\n".join(lines) if lines else NO_TOOL_CALLS
 
 
 @dataclass

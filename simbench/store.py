@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from .records import CallRecord, Judgement, Sample, SimulatedSession
+from .redact import redact_row
 
 RUN_FILE = "run.sqlite"
 
@@ -93,17 +94,49 @@ MIGRATIONS = [_migration_1, _migration_2, _migration_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+class RunFileError(Exception):
+    """A run file that cannot be used: damaged, not a run file, or from a newer simbench.
+
+    ``exit_code`` 2: the file given is the problem; 3: it could not be opened (e.g. locked).
+    """
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _unusable(path: Path, exc: sqlite3.Error) -> RunFileError:
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+        return RunFileError(f"{path}: cannot open the run file: {exc}", 3)
+    return RunFileError(f"{path}: damaged or not a simbench run file ({exc})", 2)
+
+
+def _clean(row: tuple) -> tuple:
+    """A row with every registered secret masked in its strings (see simbench/redact.py)."""
+    return redact_row(row)
+
+
 class RunStore:
     """A run's SQLite file. Safe to share between the event loop and exporter threads."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise _unusable(self.path, exc) from None
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._migrate()
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise _unusable(self.path, exc) from None
+        except RunFileError:
+            self._db.close()
+            raise
 
     @classmethod
     def open_run_dir(cls, run_dir: Path) -> "RunStore":
@@ -113,8 +146,8 @@ class RunStore:
         with self._lock:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path} was written by a newer simbench (schema {version} > {SCHEMA_VERSION}); upgrade simbench"
+                raise RunFileError(
+                    f"{self.path} was written by a newer simbench (schema {version} > {SCHEMA_VERSION}); upgrade simbench", 2
                 )
             for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
                 self._db.executescript(f"BEGIN;\n{migration()}\nPRAGMA user_version = {number};\nCOMMIT;")
@@ -129,9 +162,9 @@ class RunStore:
             self._db.execute("BEGIN")
             try:
                 if isinstance(rows, list):
-                    self._db.executemany(sql, rows)
+                    self._db.executemany(sql, [_clean(r) for r in rows])
                 else:
-                    self._db.execute(sql, rows)
+                    self._db.execute(sql, _clean(rows))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -139,7 +172,10 @@ class RunStore:
 
     def _read(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
-            return self._db.execute(sql, params).fetchall()
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise _unusable(self.path, exc) from None
 
     # -- run and plan -------------------------------------------------------------------------
 
@@ -182,8 +218,8 @@ class RunStore:
                 self._db.execute(
                     "UPDATE sessions SET status = ?, stop_reason = ?, error = ?, turns = ?, span_id = ?, ended_at = ?"
                     " WHERE session_id = ?",
-                    (session.status, session.stop_reason, session.error, session.tutor_turns, span_id,
-                     session.ended_at, session.session_id),
+                    _clean((session.status, session.stop_reason, session.error, session.tutor_turns, span_id,
+                            session.ended_at, session.session_id)),
                 )
                 self._insert_calls(session.session_id, calls)
                 self._db.execute("COMMIT")
@@ -191,11 +227,23 @@ class RunStore:
                 self._db.execute("ROLLBACK")
                 raise
 
+    def add_calls(self, session_id: str, calls: list[CallRecord]) -> None:
+        """Commit calls on their own: those of work interrupted before its commit (they were paid for)."""
+        if calls:
+            with self._lock:
+                self._db.execute("BEGIN")
+                try:
+                    self._insert_calls(session_id, calls)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+
     def _insert_calls(self, session_id: str, calls: list[CallRecord]) -> None:
         self._db.executemany(
             "INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(session_id, c.role, c.model, c.status, int(c.cached), c.latency_s, c.prompt_tokens,
-              c.completion_tokens, c.error, c.attempt) for c in calls],
+            [_clean((session_id, c.role, c.model, c.status, int(c.cached), c.latency_s, c.prompt_tokens,
+                     c.completion_tokens, c.error, c.attempt)) for c in calls],
         )
 
     def next_attempt(self, sample_id: str) -> int:
@@ -243,14 +291,15 @@ class RunStore:
             try:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(j.session_id, j.judge, j.judge_model, j.judge_sample, j.status, j.label, j.score,
-                      None if j.passed is None else int(j.passed), j.explanation, j.error, now)
+                    [_clean((j.session_id, j.judge, j.judge_model, j.judge_sample, j.status, j.label, j.score,
+                             None if j.passed is None else int(j.passed), j.explanation, j.error, now))
                      for j in judgements if j.turn is None],
                 )
                 self._db.executemany(
                     "INSERT OR REPLACE INTO turn_evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(j.session_id, j.judge, j.judge_model, j.judge_sample, j.turn, j.span_id, j.status, j.label,
-                      j.score, None if j.passed is None else int(j.passed), j.explanation, j.error, now)
+                    [_clean((j.session_id, j.judge, j.judge_model, j.judge_sample, j.turn, j.span_id, j.status,
+                             j.label, j.score, None if j.passed is None else int(j.passed), j.explanation, j.error,
+                             now))
                      for j in judgements if j.turn is not None],
                 )
                 for session_id, records in calls.items():
@@ -312,8 +361,8 @@ class RunStore:
         with self._lock:
             self._db.execute("BEGIN")
             try:
-                self._db.executemany("INSERT OR REPLACE INTO imported_sessions VALUES (?, ?, ?, ?)", rows)
-                self._db.executemany("INSERT OR REPLACE INTO human_labels VALUES (?, ?, ?)", labels)
+                self._db.executemany("INSERT OR REPLACE INTO imported_sessions VALUES (?, ?, ?, ?)", map(_clean, rows))
+                self._db.executemany("INSERT OR REPLACE INTO human_labels VALUES (?, ?, ?)", map(_clean, labels))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

@@ -27,6 +27,7 @@ from simbench.records import Judgement
 from simbench.store import RunStore
 from simbench.tracing.arize import ArizeStore, evaluations_frame, export_filter, from_export, select
 from simbench.tracing.local import SPAN_COLUMNS, spans_dataframe
+from simbench.tracing.setup import TUTOR_TURN_SPAN
 from simbench.tracing.stores import SpanSelection, TraceStoreError, session_roots
 
 PROJECT = "simbench-tests"
@@ -67,10 +68,12 @@ def test_the_evaluations_frame_passes_the_sdks_validation(finished_run):
     assert sorted(frame.columns) == sorted(
         ["context.span_id"] + [f"session_eval.{judge}.{part}" for judge in ("coherence", "correctness")
                                for part in ("label", "score", "explanation")])
-    # each row sits on the root span of the session's first trace: its first tutor call
-    first_span = (spans[spans["name"] == "ChatCompletion"].sort_values("start_time")
-                  .groupby("attributes.session.id")["context.span_id"].first())
+    # each row sits on the root span of the session's first trace: its first tutor.turn span
+    turns = spans[spans["name"] == TUTOR_TURN_SPAN]
+    assert turns["parent_id"].isna().all()
+    first_span = turns.sort_values("start_time").groupby("attributes.session.id")["context.span_id"].first()
     assert set(frame["context.span_id"]) == set(first_span)
+    assert {t.session_id: t.turn_span_ids[0] for t in rebuild_sessions(spans)} == first_span.to_dict()
     by_span = frame.set_index("context.span_id")
     for j in judgements:
         assert by_span.loc[first_span[j.session_id], f"session_eval.{j.judge}.label"] == j.label
@@ -208,9 +211,11 @@ def turn_judged_run(make_fake, write_matrix, tmp_path):
 
 
 def _tutor_spans(spans: pd.DataFrame) -> pd.Series:
-    """session id -> its tutor span ids in turn order."""
-    tutor = spans[spans["name"] == "ChatCompletion"].sort_values("start_time")
-    return tutor.groupby("attributes.session.id")["context.span_id"].agg(list)
+    """session id -> its turn spans (the tutor.turn roots) in turn order: the ones the rebuild names."""
+    tutor = spans[spans["name"] == TUTOR_TURN_SPAN].sort_values("start_time")
+    by_session = tutor.groupby("attributes.session.id")["context.span_id"].agg(list)
+    assert by_session.to_dict() == {t.session_id: t.turn_span_ids for t in rebuild_sessions(spans)}
+    return by_session
 
 
 def test_per_turn_verdicts_are_evals_on_their_turn_spans(turn_judged_run):
@@ -227,7 +232,7 @@ def test_per_turn_verdicts_are_evals_on_their_turn_spans(turn_judged_run):
         assert by_span.loc[span_ids[0], "session_eval.reveals_turn.label"] == "failing_turn"
         assert by_span.loc[span_ids[0], "session_eval.coherence.label"] == "coherent"
         assert by_span.loc[span_ids[1:], "session_eval.reveals_turn.label"].isna().all()
-    assert len(frame) == 6  # one row per tutor span, nothing on the closing spans
+    assert len(frame) == 6  # one row per turn span, nothing on the LLM calls under them or the closing spans
 
 
 def test_a_turn_verdict_without_a_span_or_verdict_is_not_logged():

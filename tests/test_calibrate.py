@@ -153,7 +153,7 @@ def test_calibrate_end_to_end(make_fake, write_matrix, tmp_path, open_run):
 
     assert "accuracy  80% (8/10)  kappa 0.60" in result.output
     html = (out / "report.html").read_text(encoding="utf-8")
-    assert 'id="calibration"' in html and "conv-4" in html and "good (= coherent)" in html
+    assert 'id="calibration"' in html and "conv-4" in html and "<bdi>good</bdi> (= <bdi>coherent</bdi>)" in html
 
     # The report rebuilt from the run file keeps the section.
     (out / "report.html").unlink()

@@ -1,6 +1,6 @@
-"""Integration tests on the real embedded model (llama.cpp's llama-server with SmolLM2-135M).
+"""Integration tests on the real embedded model (llama.cpp's server from xllamacpp, with SmolLM2-135M).
 
-They need ``simbench install-model``. Without it they skip, unless SIMBENCH_REQUIRE_EMBEDDED=1
+They need ``pip install '.[local]'`` and ``simbench install-model``. Without it they skip, unless SIMBENCH_REQUIRE_EMBEDDED=1
 (set by .ci/run), where a missing model is a failure.
 """
 
@@ -31,8 +31,8 @@ SIMBENCH = [sys.executable, "-m", "simbench"]
 
 if not embedded.is_installed():
     if os.environ.get("SIMBENCH_REQUIRE_EMBEDDED") == "1":
-        raise RuntimeError("SIMBENCH_REQUIRE_EMBEDDED=1 but the embedded model is not installed (simbench install-model)")
-    pytest.skip("the embedded model is not installed (simbench install-model)", allow_module_level=True)
+        raise RuntimeError("SIMBENCH_REQUIRE_EMBEDDED=1 but the embedded model is not installed (pip install '.[local]' && simbench install-model)")
+    pytest.skip("the embedded model is not installed (pip install '.[local]' && simbench install-model)", allow_module_level=True)
 
 pytestmark = pytest.mark.embedded
 
@@ -53,14 +53,16 @@ concurrency: 1
 
 
 def _server_pids() -> set[int]:
+    """Processes running the embedded server's entry point (``python -m simbench.models.embedded_server``)."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "cmdline").read_bytes().split(b"\0")[0].endswith(b"llama-server"):
-                    pids.add(int(entry.name))
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
-                pass
+                continue
+            if embedded.SERVER_MODULE.encode() in argv:
+                pids.add(int(entry.name))
     return pids
 
 
@@ -90,7 +92,7 @@ def test_tiny_matrix_runs_on_the_embedded_model(tmp_path: Path) -> None:
         assert overall["judged"] == 1, (name, overall)
     html = (out / "report.html").read_text()
     assert "SmolLM2" in html and "adding fractions" in html
-    assert _wait_for(lambda: not (_server_pids() - before), 10), "llama-server left running after the run"
+    assert _wait_for(lambda: not (_server_pids() - before), 10), "the embedded server left running after the run"
 
 
 def test_no_server_survives_sigkill_of_simbench(tmp_path: Path) -> None:
@@ -100,11 +102,11 @@ def test_no_server_survives_sigkill_of_simbench(tmp_path: Path) -> None:
     proc = subprocess.Popen(SIMBENCH + ["run", str(matrix), "--out", str(tmp_path / "run"), "--no-cache", "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     try:
-        assert _wait_for(lambda: _server_pids() - before, 120), "llama-server never started"
+        assert _wait_for(lambda: _server_pids() - before, 120), "the embedded server never started"
         ours = _server_pids() - before
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        assert _wait_for(lambda: not (ours & _server_pids()), 15), f"orphan llama-server left: {ours & _server_pids()}"
+        assert _wait_for(lambda: not (ours & _server_pids()), 15), f"orphan embedded server left: {ours & _server_pids()}"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -118,7 +120,7 @@ def test_ctrl_c_stops_the_server_and_says_how_to_resume(tmp_path: Path) -> None:
     proc = subprocess.Popen(SIMBENCH + ["run", str(matrix), "--out", str(out), "--no-cache", "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
-        assert _wait_for(lambda: _server_pids() - before, 120), "llama-server never started"
+        assert _wait_for(lambda: _server_pids() - before, 120), "the embedded server never started"
         ours = _server_pids() - before
         time.sleep(3)
         proc.send_signal(signal.SIGINT)
@@ -186,3 +188,14 @@ def test_selftest_on_the_embedded_model_says_failure_is_expected(tmp_path: Path)
     assert "checks passed" in result.stdout
     if result.returncode == 1:
         assert "(expected on the embedded model)" in result.stderr
+
+
+def test_install_model_places_only_the_model_file_and_names_a_missing_server(tmp_path: Path) -> None:
+    placed = subprocess.run(SIMBENCH + ["install-model"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert placed.returncode == 0, placed.stderr
+    assert str(embedded.model_file()) in placed.stdout and embedded.model_file().is_file()
+    hidden = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['xllamacpp'] = None; from simbench.cli import main; main()",
+         "install-model"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert hidden.returncode == 2
+    assert "pip install 'simbench[local]'" in hidden.stderr and "Ollama" in hidden.stderr

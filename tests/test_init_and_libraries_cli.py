@@ -49,7 +49,8 @@ def test_init_writes_a_starter_that_validates_on_the_embedded_model(tmp_path):
     validated = invoke("validate", path)
     assert validated.exit_code == 0, validated.output
     matrix = load_matrix(path)
-    assert matrix.uses_local() and {matrix.model_for(r)[1].provider for r in ("tutor", "student", "judge")} == {"local"}
+    assert matrix.uses_local() and {matrix.model_spec(name).provider for name in matrix.model_names_in_use()} == {"local"}
+    assert matrix.tutor.model_names() == ["local"]
     assert not matrix.gates  # nothing the embedded model cannot pass
     # it shows a custom judge, which runs
     assert matrix.judges.custom and set(matrix.judges.custom) <= set(matrix.judges.use)

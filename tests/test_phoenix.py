@@ -152,8 +152,14 @@ def test_a_run_sends_only_tutor_and_closing_spans_to_phoenix(traced_run, phoenix
     sessions = {s["session_id"] for s in files.sessions()}
     assert len(sessions) == 4
     assert set(spans["attributes.session.id"]) == sessions
-    # one LLM span per tutor call, one closing span per session, nothing else (no student, no judge)
-    assert sorted(spans["name"].value_counts().items()) == [("ChatCompletion", fake.roles["tutor"]), ("session.end", 4)]
+    # one turn span per tutor turn holding that turn's one LLM call, one closing span per session,
+    # nothing else (no student, no judge)
+    assert sorted(spans["name"].value_counts().items()) == \
+        [("ChatCompletion", fake.roles["tutor"]), ("session.end", 4), ("tutor.turn", fake.roles["tutor"])]
+    turns = spans[spans["name"] == "tutor.turn"]
+    # roots: Phoenix's dataframe writes a missing parent id as the string "None"
+    assert set(turns["parent_id"].map(str)) == {"None"} and set(turns["span_kind"]) == {"AGENT"}
+    assert set(spans[spans["name"] == "ChatCompletion"]["parent_id"]) == set(turns["context.span_id"])
     assert fake.roles["student"] > 0 and fake.roles["judge"] > 0
     inputs = " ".join(str(m) for ms in spans["attributes.llm.input_messages"].dropna() for m in ms)
     assert "role-playing" not in inputs and "reference answer" not in inputs
@@ -232,14 +238,14 @@ def test_judge_store_where_selects_sessions(traced_run, phoenix_url, tmp_path, o
 
 
 def test_paging_reads_more_than_a_thousand_spans(phoenix_url, fake, write_matrix, tmp_path, open_run):
-    """520 sessions x (1 tutor span + 1 closing span) = 1,040 spans: past phoenix.client's default
-    limit of 1,000. Every session must come back from Phoenix and be judged."""
+    """520 sessions x (1 turn span + the 1 LLM span under it + 1 closing span) = 1,560 spans: past
+    phoenix.client's default limit of 1,000. Every session must come back from Phoenix and be judged."""
     matrix = write_matrix(_phoenix_matrix(fake.base_url, phoenix_url, "simbench-paging", repeats=260, max_turns=1,
                                           concurrency=32, judges={"model": "fake", "use": ["coherence"], "max_tokens": 64}))
     result = run_cli(matrix, tmp_path / "run", "--no-cache")
     assert result.exit_code == 0, result.output
     files = open_run(tmp_path / "run")
-    assert len(files.spans()) == 1040
+    assert len(files.spans()) == 1560
     from phoenix.client import Client
 
     now = datetime.now(timezone.utc)
@@ -247,11 +253,11 @@ def test_paging_reads_more_than_a_thousand_spans(phoenix_url, fake, write_matrix
     # phoenix.client's default answers 1,000 and says nothing: the reason for paging
     assert len(Client(base_url=phoenix_url).spans.get_spans_dataframe(project_identifier="simbench-paging", **window)) == 1000
     store = PhoenixStore(phoenix_url, "simbench-paging")
-    assert len(store.fetch_all(window["start_time"], window["end_time"])) == 1040
+    assert len(store.fetch_all(window["start_time"], window["end_time"])) == 1560
     # a smaller page splits the window more often and still returns every span once
     small = PhoenixStore(phoenix_url, "simbench-paging", page_size=100)
     frame = small.fetch_all(window["start_time"], window["end_time"])
-    assert len(frame) == 1040 and frame["context.span_id"].is_unique
+    assert len(frame) == 1560 and frame["context.span_id"].is_unique
     from simbench.tracing.local import SPAN_COLUMNS
 
     assert set(SPAN_COLUMNS) <= set(frame.columns)  # the span dataframe every store hands back
@@ -387,7 +393,7 @@ def test_per_turn_judgements_are_span_annotations_on_their_tutor_spans(phoenix_u
 
     # the tutor spans of each session as Phoenix holds them, in turn order
     spans = _phoenix_spans(phoenix_url, project).sort_values("start_time")
-    tutor_spans = spans[spans["name"] == "ChatCompletion"].groupby("attributes.session.id")["context.span_id"].agg(list)
+    tutor_spans = spans[spans["name"] == "tutor.turn"].groupby("attributes.session.id")["context.span_id"].agg(list)
     assert sorted(tutor_spans.index) == sorted(s["session_id"] for s in files.sessions())
     assert all(len(ids) == 3 for ids in tutor_spans)
 
@@ -483,3 +489,123 @@ def test_custom_per_turn_and_multi_stage_judges_in_one_matrix_reach_phoenix(phoe
     assert [a["result"]["label"] for a in sorted(turn_annotations, key=lambda a: (a["metadata"]["session_id"],
                                                                                   a["metadata"]["turn"]))] == \
         ["withholds", "reveals", "withholds"] * len(sessions)
+
+
+def test_an_instrumented_http_tutor_app_traces_into_the_sessions_and_judge_store_rebuilds_them(
+        phoenix_url, fake, tmp_path, open_run):
+    """Issue 11: examples/own_tutor/server.py (instrumented with OpenInference) started by the run as an
+    http tutor, exporting to the run's Phoenix project: its spans are children of simbench's turn
+    spans in the same sessions, and ``judge --store phoenix`` rebuilds the transcripts the run had."""
+    import yaml
+    from test_tutor_kinds import _example_on_fake
+
+    project = "own-tutor-http"
+    path = _example_on_fake(fake, tmp_path, "http.yaml")
+    matrix = yaml.safe_load(path.read_text())
+    matrix["trace_store"] = {"kind": "phoenix", "endpoint": phoenix_url, "project": project}
+    path.write_text(yaml.safe_dump(matrix, sort_keys=False))
+    result = run_cli(path, tmp_path / "run", "--no-cache")
+    assert result.exit_code == 0, result.output
+    run = open_run(tmp_path / "run")
+    sessions = {s["session_id"] for s in run.sessions()}
+    turns = {s["span_id"]: s for s in run.spans() if s["name"] == "tutor.turn"}
+    assert len(sessions) == 8 and len(turns) == sum(s["turns"] for s in run.sessions())
+
+    deadline, spans = time.monotonic() + 60, None
+    while time.monotonic() < deadline:  # the app exports on its own; wait until Phoenix has its spans
+        spans = _phoenix_spans(phoenix_url, project)
+        if (spans["name"] == "own_tutor.request").sum() >= len(turns):
+            break
+        time.sleep(1)
+    apps = spans[spans["name"] == "own_tutor.request"]
+    assert len(apps) == len(turns)
+    for _, app in apps.iterrows():
+        turn = turns[app["parent_id"]]  # a child of simbench's turn span, in its trace and its session
+        assert app["context.trace_id"] == turn["trace_id"]
+        assert app["attributes.session.id"] == turn["attributes"]["session.id"]
+        assert app["attributes.output.value"] == turn["attributes"]["output.value"]
+    app_llm = spans[(spans["span_kind"] == "LLM") & spans["parent_id"].isin(set(apps["context.span_id"]))]
+    assert len(app_llm) == 2 * len(turns)  # the app's two model calls per turn, inside the session
+    assert set(spans["attributes.session.id"].dropna()) == sessions
+
+    now = datetime.now(timezone.utc)
+    judged = invoke("judge", "--store", "phoenix", "--endpoint", phoenix_url, "--project", project,
+                    "--start", (now - timedelta(hours=1)).isoformat(), "--end", (now + timedelta(minutes=1)).isoformat(),
+                    "--matrix", path, "--out", tmp_path / "judged", "-q", "--no-cache")
+    assert judged.exit_code == 0, judged.output
+    again = open_run(tmp_path / "judged")
+    assert {s["session_id"] for s in again.sessions()} == sessions
+    assert again.transcripts() == run.transcripts()
+    assert all(len(messages) == 2 * s["turns"] + 1 for s in run.sessions()
+               for sid, messages in again.transcripts().items() if sid == s["session_id"])
+    # the tool calls too: the ones simbench wrote from the app's answer (marked), not the app's own
+    # TOOL spans beside them, read back from Phoenix's columns
+    app_tools = spans[(spans["span_kind"] == "TOOL") & spans["parent_id"].isin(set(apps["context.span_id"]))]
+    assert len(app_tools) > 0
+    mine, theirs = _rebuilt(tmp_path / "run"), _rebuilt(tmp_path / "judged")
+    assert set(theirs) == set(mine)
+    for session_id, transcript in mine.items():
+        assert theirs[session_id].messages == transcript.messages
+        assert theirs[session_id].turn_span_ids == transcript.turn_span_ids
+        assert theirs[session_id].span_id == transcript.span_id
+        assert theirs[session_id].metadata == transcript.metadata
+    calls = [c for t in mine.values() for m in t.messages for c in m.tool_calls]
+    marked = [s for s in run.spans() if s["attributes"].get("simbench.tool_call")]
+    assert len(calls) == len(marked) > 0 and {c.name for c in calls} <= {"search_notes", "calculator"}
+
+
+def _rebuilt(run_dir):
+    """session id -> its transcript, rebuilt from a run directory's own span copy."""
+    from simbench.evaluators.sessions import rebuild_sessions
+    from simbench.store import RunStore
+    from simbench.tracing.local import spans_dataframe
+
+    store = RunStore.open_run_dir(run_dir)
+    try:
+        return {t.session_id: t for t in rebuild_sessions(spans_dataframe(store))}
+    finally:
+        store.close()
+
+
+def test_spans_without_some_text_come_back_from_phoenix_as_they_went(phoenix_url, fake, write_matrix, tmp_path,
+                                                                     open_run):
+    """Imported conversations (an LLM root per reply, all in one trace) pushed to Phoenix and read back
+    by the store: a conversation that ends with the tutor has a closing span without input, and
+    roots have no parent. Phoenix's dataframe writes such missing text as "None"; the rebuild from
+    Phoenix must equal the one from the run's own copy (no "None" message, no extra turn)."""
+    import json
+
+    from simbench.records import Message
+
+    lines = [{"session_id": "ends-with-tutor", "messages": [{"role": "user", "content": "What is 2/3 of 9?"},
+                                                           {"role": "assistant", "content": "It is 6."}]},
+             {"session_id": "ends-with-student", "messages": [{"role": "user", "content": "1/2 + 1/3?"},
+                                                             {"role": "assistant", "content": "5/6."},
+                                                             {"role": "user", "content": "Thanks!"}]}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    matrix = write_matrix(base_matrix(fake.base_url, judges={"model": "fake", "use": ["coherence"], "max_tokens": 64}))
+    judged = invoke("judge", "--transcripts", path, "--matrix", matrix, "--out", tmp_path / "run", "-q", "--no-cache")
+    assert judged.exit_code == 0, judged.output
+    pushed = invoke("push", tmp_path / "run", "--store", "phoenix", "--endpoint", phoenix_url, "--project", "imported")
+    assert pushed.exit_code == 0, pushed.output
+    raw = _phoenix_spans(phoenix_url, "imported")
+    closing = raw[raw["name"] == "session.end"]["attributes.input.value"]
+    assert sorted(closing) == ["None", "Thanks!"]  # what Phoenix's dataframe makes of a missing input
+
+    files = open_run(tmp_path / "run")
+    now = datetime.now(timezone.utc)
+    store = PhoenixStore(phoenix_url, "imported")
+    frame = store.fetch_all(now - timedelta(hours=1), now + timedelta(minutes=5))
+    assert len(frame) == len(files.spans()) == 4 and frame["parent_id"].isna().all()
+    assert frame[frame["name"] == "session.end"]["attributes.input.value"].isna().sum() == 1
+    mine = _rebuilt(tmp_path / "run")
+    from simbench.evaluators.sessions import rebuild_sessions
+
+    theirs = {t.session_id: t for t in rebuild_sessions(frame)}
+    assert set(theirs) == set(mine)
+    for session_id, transcript in mine.items():
+        assert theirs[session_id].messages == transcript.messages
+        assert theirs[session_id].turn_span_ids == transcript.turn_span_ids
+    assert sorted(len(t.messages) for t in theirs.values()) == [2, 3]
+    assert all(Message("student", "None") not in t.messages for t in theirs.values())

@@ -29,6 +29,11 @@ def _opening_of(request: dict) -> str:
     return request["messages"][1]["content"]
 
 
+def _last_index(llm_span: dict) -> int:
+    """The index of the last input message of an LLM span (the student's, for a tutor call)."""
+    return max(int(k.split(".")[2]) for k in llm_span["attributes"] if k.startswith("llm.input_messages."))
+
+
 # -- a full run -----------------------------------------------------------------------------------
 
 
@@ -42,15 +47,23 @@ def test_full_run_spans_sessions_and_summary(fake, write_matrix, tmp_path, open_
     assert len(sessions) == 4  # 2 variants x 1 topic x 2 personas
     assert all(s["status"] == "completed" and s["stop_reason"] == "max_turns" and s["turns"] == 2 for s in sessions)
 
-    # Spans: exactly one LLM span per tutor call the server saw, plus one closing CHAIN span per session.
+    # Spans: one tutor.turn AGENT root per tutor turn, holding exactly one LLM span per tutor call the
+    # server saw, plus one closing CHAIN span per session.
     spans = run.spans()
     llm = [s for s in spans if s["span_kind"] == "LLM"]
+    turns = {s["span_id"]: s for s in spans if s["name"] == "tutor.turn"}
     closing = [s for s in spans if s["name"] == "session.end"]
     assert fake.roles["tutor"] == 4 * 2
-    assert len(llm) == fake.roles["tutor"]
+    assert len(llm) == fake.roles["tutor"] == len(turns)
+    assert all(t["span_kind"] == "AGENT" and t["parent_id"] is None for t in turns.values())
+    assert all(s["parent_id"] in turns and turns[s["parent_id"]]["trace_id"] == s["trace_id"] for s in llm)
+    for span in llm:  # the turn's input/output are the student's message and the reply the LLM span gave
+        turn = turns[span["parent_id"]]["attributes"]
+        assert turn["output.value"] == span["attributes"]["llm.output_messages.0.message.content"]
+        assert turn["input.value"] == span["attributes"][f"llm.input_messages.{_last_index(span)}.message.content"]
     assert len(closing) == len(sessions)
     assert all(s["span_kind"] == "CHAIN" for s in closing)
-    assert len(spans) == len(llm) + len(closing)
+    assert len(spans) == len(turns) + len(llm) + len(closing)
 
     # The student and the judges were called but left no span.
     assert fake.roles["student"] == 4 * 2
@@ -162,7 +175,9 @@ def test_unparseable_judge_answer_is_an_error_not_a_verdict(make_fake, write_mat
     matrix = base_matrix(fake.base_url)
     matrix["judges"]["use"] = ["coherence"]
     result, out, _ = _run(write_matrix, tmp_path, matrix)
-    assert result.exit_code == 0, result.output
+    # nothing was judged: the run could not do its job (exit 3, with the first reason); the report is written
+    assert result.exit_code == 3, result.output
+    assert "every judgement errored" in result.output and "JSONDecodeError" in result.output
 
     run = open_run(out)
     judgements = run.judgements()

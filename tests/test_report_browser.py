@@ -16,6 +16,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -149,13 +151,18 @@ def fixture_run(tmp_path_factory):
         out = tmp / "run"
         result = run_cli(path, out, "--cache", tmp / "cache.sqlite")
     assert result.exit_code == 0, result.output
+    return {"dir": out, **_both_reports(out)}
+
+
+def _both_reports(out: Path) -> dict:
+    """The run's summary, its report as written, and a lazily rendered copy."""
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     store = RunStore.open_run_dir(out)
     try:
         lazy = write_report(store, summary, out, embedded=False, lazy=True, path=out / "report-lazy.html")
     finally:
         store.close()
-    return {"dir": out, "summary": summary, "inline": out / "report.html", "lazy": lazy}
+    return {"summary": summary, "inline": out / "report.html", "lazy": lazy}
 
 
 def _load_benchmark():
@@ -350,7 +357,7 @@ def test_filters_narrow_the_session_list(browser, fixture_run, open_page, mode):
     assert len(visible_sessions(p)) == 24
 
     # The links under a verdict open the failed sessions of one side, filtered.
-    page.click("#verdicts table.comparisons a:text-is('socratic') >> nth=0")
+    page.click("#verdicts table.comparisons a:has(bdi:text-is('socratic')) >> nth=0")
     page.wait_for_function("() => document.getElementById('filter-count').textContent === '12 session(s) shown'")
     assert page.eval_on_selector("#filters select[name=variant]", "s => s.value") == "socratic"
     assert {s["variant"] for s in visible_sessions(p)} == {"socratic"}
@@ -494,9 +501,6 @@ def test_large_run_links_jump_to_sessions_on_other_pages(browser, large_run, ope
 @pytest.fixture(scope="module")
 def sampled_run(tmp_path_factory):
     """Three imported sessions judged 3 times each: coherence of "a" unstable (2 of 3), "b" fails, "c" passes."""
-    import subprocess
-    import sys
-
     from test_judge_samples import _scripted_judge
 
     tmp = tmp_path_factory.mktemp("sampled-run")
@@ -514,14 +518,7 @@ def sampled_run(tmp_path_factory):
              "--cache", str(tmp / "cache.sqlite")],
             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    out = tmp / "run"
-    store = RunStore.open_run_dir(out)
-    try:
-        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-        lazy = write_report(store, summary, out, embedded=False, lazy=True, path=out / "report-lazy.html")
-    finally:
-        store.close()
-    return {"inline": out / "report.html", "lazy": lazy}
+    return _both_reports(tmp / "run")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -537,3 +534,57 @@ def test_unstable_judgements_are_marked_and_listed(browser, sampled_run, open_pa
     assert page.eval_on_selector("#filters select[name=label]", "s => s.value") == "@unstable"
     if mode == "inline":
         assert "coherence: coherent (unstable)" in page.text_content(f"#{shown[0]['anchor']} header")
+
+
+# -- tool calls under their reply ---------------------------------------------------------------------
+
+HOSTILE_TOOL_RESULT = '5/6 <script>alert("xss-tool")</script> <img src=x onerror=alert("xss-tool-img")>'
+TOOL_TUTOR = f"""
+def reply(messages, context):
+    calls = [{{"name": "calculator", "arguments": {{"expression": "1/2+1/3"}}, "result": {HOSTILE_TOOL_RESULT!r}}}]
+    return {{"text": "Reply %d: use a common denominator." % context.turn, "tool_calls": calls if context.turn == 1 else []}}
+"""
+
+
+@pytest.fixture(scope="module")
+def tool_run(tmp_path_factory):
+    """A run of a callable tutor whose first reply of each session used a tool with a hostile result."""
+    tmp = tmp_path_factory.mktemp("tool-run")
+    (tmp / "tool_tutor_browser.py").write_text(TOOL_TUTOR, encoding="utf-8")
+    with RecordingFake(latency=0) as fake:
+        matrix = base_matrix(fake.base_url, judges={"model": "fake", "use": ["coherence"], "max_tokens": 64})
+        matrix["tutor"] = {"kind": "callable", "callable": "tool_tutor_browser:reply", "baseline": "a",
+                           "variants": {"a": {"settings": {}}, "b": {"settings": {}}}}
+        (tmp / "matrix.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False), encoding="utf-8")
+        # In a process of its own: Playwright's sync API may already run an event loop in this one.
+        result = subprocess.run([sys.executable, "-m", "simbench", "run", str(tmp / "matrix.yaml"), "--out",
+                                 str(tmp / "run"), "-q", "--no-cache"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return _both_reports(tmp / "run")
+
+
+TUTOR_REPLIES_AND_TOOLS = """() => Array.from(document.querySelectorAll('article.session .msg.tutor')).map(m => {
+  const next = m.nextElementSibling;
+  const tools = next && next.classList.contains('tool-calls') ? next : null;
+  return {reply: m.lastChild.textContent,
+          tools: tools ? Array.from(tools.querySelectorAll('.tool-call')).map(t => t.textContent) : []};
+})"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_tool_call_shows_under_its_reply_as_text(browser, tool_run, open_page, mode):
+    p = open_page(tool_run[mode])
+    assert len(visible_sessions(p)) == 2  # opens every group: every transcript is in the DOM now
+    replies = p.page.evaluate(TUTOR_REPLIES_AND_TOOLS)
+    assert sorted(r["reply"] for r in replies) == ["Reply 1: use a common denominator."] * 2 + \
+        ["Reply 2: use a common denominator."] * 2
+    for r in replies:
+        if r["reply"].startswith("Reply 1"):
+            assert r["tools"] == ['tool calculator({"expression": "1/2+1/3"}) \u2192 ' + HOSTILE_TOOL_RESULT]
+        else:
+            assert r["tools"] == []
+    counts = p.page.evaluate("""() => ({img: document.querySelectorAll('img').length,
+      scripts: Array.from(document.scripts).map(s => s.type || 'text/javascript')})""")
+    assert counts["img"] == 0
+    assert counts["scripts"] == (["text/javascript"] if mode == "inline" else ["application/json", "text/javascript"])
+    p.assert_clean()  # no dialog: the tool result's script never ran

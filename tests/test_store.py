@@ -11,7 +11,7 @@ import pytest
 from conftest import base_matrix, run_cli
 from simbench.evaluators.sessions import rebuild_sessions
 from simbench.records import CallRecord, Sample, SimulatedSession, session_id_for
-from simbench.store import SCHEMA_VERSION, RunStore
+from simbench.store import SCHEMA_VERSION, RunFileError, RunStore
 from simbench.tracing.local import spans_dataframe, unflatten
 
 # The columns DESIGN.md promises from every trace store (Phoenix / AX names).
@@ -66,7 +66,7 @@ def test_a_file_from_a_newer_simbench_is_refused(tmp_path):
     db = sqlite3.connect(path)
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.close()
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(RunFileError, match="newer"):
         RunStore(path)
 
 
@@ -110,7 +110,7 @@ def test_spans_dataframe_has_the_design_shape(fake, write_matrix, tmp_path):
         assert column in frame.columns, column
         assert column in other.columns, column
     assert len(other) == 0
-    assert len(mine) == len(frame) == 3  # two tutor LLM spans + session.end
+    assert len(mine) == len(frame) == 5  # two tutor.turn roots, each with its LLM call, + session.end
     assert isinstance(frame["start_time"].dtype, pd.DatetimeTZDtype)
     assert (frame["end_time"] >= frame["start_time"]).all()
 
@@ -118,6 +118,10 @@ def test_spans_dataframe_has_the_design_shape(fake, write_matrix, tmp_path):
     student_answers = [answer for role, _, answer in fake.exchanges if role == "student"]
     llm = frame[frame["span_kind"] == "LLM"].sort_values("start_time")
     assert len(llm) == 2
+    turns = frame[frame["name"] == "tutor.turn"].sort_values("start_time")
+    assert list(turns["span_kind"]) == ["AGENT", "AGENT"] and turns["parent_id"].isna().all()
+    assert list(llm["parent_id"]) == list(turns["context.span_id"])  # each call nests under its turn
+    assert list(turns["attributes.output.value"]) == [a for r, _, a in fake.exchanges if r == "tutor"]
     for i, span in enumerate(llm.to_dict("records")):
         assert span["attributes.session.id"] == session["session_id"]
         assert span["attributes.user.id"] == "impatient"

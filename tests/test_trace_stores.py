@@ -80,7 +80,7 @@ def test_a_span_frame_from_another_store_round_trips_through_the_run_file(fake, 
     copy = RunStore(tmp_path / "copy.sqlite")
     try:
         frame = spans_dataframe(source)
-        assert add_span_frame(copy, frame) == len(frame) == 6
+        assert add_span_frame(copy, frame) == len(frame) == 10  # 2 sessions x (2 turn spans + 2 LLM spans + session.end)
         again = spans_dataframe(copy)
         columns = ["context.span_id", "context.trace_id", "parent_id", "name", "span_kind", "start_time", "end_time",
                    "status_code", "attributes.session.id", "attributes.metadata", "attributes.llm.input_messages",

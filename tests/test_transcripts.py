@@ -163,7 +163,7 @@ def test_judge_transcripts_end_to_end(make_fake, write_matrix, tmp_path, open_ru
     assert summary["dimensions"]["correctness"]["overall"]["skipped"] == 1
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "[bad] Let&#39;s find a common denominator first." in html
-    assert "imported <code>bad</code> (line 2)" in html
+    assert "imported <code><bdi>bad</bdi></code> (line 2)" in html
 
     # The same file again, into a new run: every judgement comes from the cache.
     calls = fake.roles["judge"]

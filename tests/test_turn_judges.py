@@ -52,9 +52,10 @@ def test_turn_verdicts_per_span_and_session_aggregate(make_fake, write_matrix, t
         assert [t["turn"] for t in own] == [1, 2, 3]
         assert [t["label"] for t in own] == ["withholds", "reveals", "withholds"]
         assert [t["passed"] for t in own] == [1, 0, 1]
-        # each verdict sits on the tutor span of its turn
-        tutor_spans = [x["span_id"] for x in spans if x["session_id"] == s["session_id"] and x["span_kind"] == "LLM"]
-        assert [t["span_id"] for t in own] == tutor_spans
+        # each verdict sits on the turn's root span (tutor.turn), not on the LLM call under it
+        turn_spans = [x["span_id"] for x in spans if x["session_id"] == s["session_id"] and x["name"] == "tutor.turn"]
+        assert len(turn_spans) == 3 and all(x["parent_id"] is None for x in spans if x["span_id"] in turn_spans)
+        assert [t["span_id"] for t in own] == turn_spans
 
     aggregates = [j for j in run.judgements() if j["judge"] == "reveals_turn"]
     assert len(aggregates) == 2
@@ -77,7 +78,7 @@ def test_turn_verdicts_per_span_and_session_aggregate(make_fake, write_matrix, t
     assert t["turns_judged"] == 6 and t["turn_pass_share"] == pytest.approx(4 / 6)
     html = (out / "report.html").read_text()
     assert "At which turn do sessions go wrong?" in html and "first fails at turn 2" in html
-    assert "turn 2 · reveals_turn" in html
+    assert "turn 2 · <bdi>reveals_turn</bdi>" in html
     ids = re.findall(r'\bid="([^"]+)"', html)
     assert len(ids) == len(set(ids)), sorted(i for i in set(ids) if ids.count(i) > 1)  # every link has one target
     assert 'href="#failing-turns"' in html and 'id="failing-turns"' in html

@@ -15,7 +15,7 @@ import math
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import httpx2
 import pandas as pd
@@ -92,9 +92,11 @@ class SessionJudge(ClassificationEvaluator):
             self.in_flight[key] = task
         return await asyncio.shield(task)
 
-    def cancel_in_flight(self) -> None:
+    async def stop_in_flight(self) -> None:
+        """Cancel the requests still running and wait until they have stopped."""
         for task in self.in_flight.values():
             task.cancel()
+        await asyncio.gather(*self.in_flight.values(), return_exceptions=True)
 
     def _verdict(self, row: dict, status: str, **fields: Any) -> Judgement:
         """A Judgement for a row: a session's, or (per-turn judges) one tutor turn's."""
@@ -118,6 +120,9 @@ class SessionJudge(ClassificationEvaluator):
         try:
             with call_scope(scope):
                 scores = await super().async_evaluate(eval_input=eval_input, input_mapping=input_mapping)
+        except asyncio.CancelledError:
+            self.calls.setdefault(key, []).extend(scope.calls)  # interrupted: no verdict, but the calls were made
+            raise
         except Exception as exc:
             # The transport has already retried what a retry can fix; an answer that does not parse
             # would come back the same (at temperature 0, or from the cache). Recording the error here
@@ -174,6 +179,7 @@ def session_row(item: JudgeInput, judge_sample: int) -> dict:
         "subject": item.subject or "",
         "misconceptions": item.misconceptions or "",
         "persona": item.persona or "",
+        "tool_calls": item.transcript.render_tool_calls(),
         # for pre-filters (multi-stage judging): each side's messages alone
         "tutor_text": "\n\n".join(m.content for m in messages if m.role == "tutor"),
         "student_text": "\n\n".join(m.content for m in messages if m.role == "student"),
@@ -194,6 +200,7 @@ def turn_rows(item: JudgeInput, judge_sample: int) -> list[dict]:
         before = Transcript(item.transcript.session_id, "", messages[:index])
         # a pre-filter with ``text: tutor`` reads this turn's reply only
         rows.append({**base, "turn": turn, "reply": message.content, "context": before.render(),
+                     "tool_calls": item.transcript.render_tool_calls(turn),
                      "tutor_text": message.content, "span_id": span_ids[turn - 1] if turn <= len(span_ids) else ""})
     return rows
 
@@ -225,14 +232,22 @@ async def judge_sessions(
     temperature: float,
     judge_samples: int = 1,
     progress: Optional[tqdm] = None,
+    sample_indices: Optional[Sequence[int]] = None,
+    on_unjudged_calls: Optional[Callable[[str, list[CallRecord]], None]] = None,
 ) -> None:
-    """Judge every input with every definition ``judge_samples`` times; ``on_judgement`` gets each result."""
+    """Judge every input with every definition ``judge_samples`` times; ``on_judgement`` gets each result.
+
+    ``sample_indices``: only these judgement samples (default: ``range(judge_samples)``).
+    ``on_unjudged_calls(session_id, calls)`` gets the calls of judgements cut off by Ctrl-C. Ctrl-C
+    stops every request at once and raises ``KeyboardInterrupt`` (the verdicts so far are reported).
+    """
     if not inputs or not definitions:
         return
     if len({d.per_turn for d in definitions}) != 1:
         raise ValueError("session judges and per-turn judges run in separate calls")
     make_rows = turn_rows if definitions[0].per_turn else (lambda item, index: [session_row(item, index)])
-    rows = [row for item in inputs for index in range(judge_samples) for row in make_rows(item, index)]
+    indices = range(judge_samples) if sample_indices is None else sample_indices
+    rows = [row for item in inputs for index in indices for row in make_rows(item, index)]
     if not rows:
         return
 
@@ -259,6 +274,24 @@ async def judge_sessions(
     # row). A target can never drop below one worker.
     shards = [rows[i::workers] for i in range(workers)]
     sigint = signal.getsignal(signal.SIGINT)
+    # Each phoenix executor swaps in a SIGINT handler that stops only itself, and the last one
+    # started wins: Ctrl-C stopped one shard while the others went on spending. The event loop's own
+    # handler sees every SIGINT whichever Python handler is installed, and stops all shards at once.
+    loop, this = asyncio.get_running_loop(), asyncio.current_task()
+    interrupted = False
+
+    def on_sigint() -> None:
+        nonlocal interrupted
+        if not interrupted:
+            interrupted = True
+            this.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        watching = True
+    except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no signals here
+        watching = False
+    results = None
     try:
         # phoenix.evals reports requeues with tqdm.write on stdout; keep stdout for our results.
         with suppress_tracing(), contextlib.redirect_stdout(sys.stderr):
@@ -273,19 +306,38 @@ async def judge_sessions(
                 )
                 for shard in shards
             ))
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
     finally:
+        if watching:
+            loop.remove_signal_handler(signal.SIGINT)
         # each executor swaps the SIGINT handler in and out; concurrent ones can restore a stale one
         signal.signal(signal.SIGINT, sigint)
         for judge in judges:
-            judge.cancel_in_flight()
+            await judge.stop_in_flight()
         await client.aclose()
+        if results is None:
+            _save_unjudged_calls(judges, on_unjudged_calls)
+    if results is None:
+        raise KeyboardInterrupt("judging interrupted")
     not_run = 0
     for shard, result in zip(shards, results):
         for judge in judges:
             not_run += judge.report_failures(shard, result[f"{judge.name}_execution_details"].tolist())
+    _save_unjudged_calls(judges, on_unjudged_calls)
     if not_run:
         # phoenix's executor stops on Ctrl-C and returns: leave those rows for a resumed run
         raise KeyboardInterrupt(f"judging interrupted with {not_run} judgement(s) not run")
+
+
+def _save_unjudged_calls(judges: list[SessionJudge], on_unjudged_calls) -> None:
+    """Hand on the calls of rows that got no verdict (interrupted): they were made and paid for."""
+    for judge in judges:
+        for key, calls in judge.calls.items():
+            if calls and on_unjudged_calls is not None:
+                on_unjudged_calls(key[0], calls)
+        judge.calls.clear()
 
 
 def _bounded_explanation(definition: JudgeDefinition, max_tokens: int) -> dict[str, Any]:

@@ -132,12 +132,29 @@ def parse_transcripts(lines: Iterable[str], source: str = "<transcripts>") -> li
     return sessions
 
 
+class _DuplicateKey(Exception):
+    """A key given twice in one JSON object (``json`` would keep the last one silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _parse_line(text: str, number: int, source: str) -> ImportedSession:
     where = f"{source}:{number}"
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise TranscriptError([f"{where}: not valid JSON: {exc.msg} (column {exc.colno})"]) from None
+    except _DuplicateKey as exc:
+        raise TranscriptError([f"{where}: duplicate key {exc.args[0]!r} in one JSON object"]) from None
+    except RecursionError:
+        raise TranscriptError([f"{where}: the JSON is nested too deeply to read"]) from None
     if not isinstance(data, dict):
         raise TranscriptError([f"{where}: a session must be a JSON object with session_id and messages"])
     try:

@@ -1,1 +1,1 @@
-"""Endpoints per role, the response cache, the embedded llama-server."""
+"""Endpoints per role, the response cache, the embedded model server."""

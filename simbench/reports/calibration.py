@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import yaml
-
 from ..store import RunStore
 from .agreement import accuracy, cohen_kappa, confusion_matrix
 from .stats import CONFIDENCE, wilson_interval
@@ -37,19 +35,16 @@ def load_label_map(path: Union[str, Path, None]) -> LabelMap:
     """Read ``{dimension: {human label: judge label}}`` from YAML (no path: an empty map, identity everywhere)."""
     if path is None:
         return {}
-    from ..matrix import _LineIndex  # the matrix's YAML line finder, so map errors name their line too
+    # The matrix's YAML reader and line finder: map errors (duplicate keys too) name their line.
+    from ..matrix import MatrixError, _LineIndex, read_yaml
 
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node, data = read_yaml(Path(path).read_text(encoding="utf-8"), source)
     except OSError as exc:
         raise LabelMapError([f"{source}: cannot read the label map: {exc.strerror or exc}"]) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise LabelMapError([f"{source}{f':{mark.line + 1}' if mark else ''}: YAML syntax error: "
-                             f"{getattr(exc, 'problem', None) or exc}"]) from None
+    except MatrixError as exc:
+        raise LabelMapError(exc.problems) from None
     lines = _LineIndex(node)
     if data is None:
         return {}

@@ -27,6 +27,7 @@ from markupsafe import Markup
 
 from ..evaluators.builtin import SIMULATOR_JUDGES
 from ..evaluators.sessions import rebuild_sessions
+from ..records import Message
 from ..store import RunStore
 from ..tracing.local import spans_dataframe
 from . import plots
@@ -224,6 +225,14 @@ def _usage_row(role: str, u: dict[str, Any]) -> list:
             round(u.get("latency_s") or 0, 3)]
 
 
+def _message_row(m: Message) -> list:
+    """[role, text], and the reply's tool calls as [name, arguments, result] each when it has any."""
+    row: list = [m.role, m.content]
+    if m.tool_calls:
+        row.append([[t.name, t.arguments, t.result] for t in m.tool_calls])
+    return row
+
+
 def session_data(views: list[dict[str, Any]], pairs: list[dict[str, Any]], dimensions: list[str],
                  page_size: int = PAGE_SIZE) -> dict[str, Any]:
     """The sessions of a large report for its script: pair groups in display order, each session with
@@ -248,7 +257,7 @@ def session_data(views: list[dict[str, Any]], pairs: list[dict[str, Any]], dimen
             "o": [[dim, v["outcomes"][dim], (j.label if j.status == "ok" else j.status) + (" (unstable)" if j.unstable else "")]
                   for dim, j in v["by_dim"].items()],
             "u": [_usage_row(role, u) for role, u in v["usage"].items()],
-            "m": [[m.role, m.content] for m in v["messages"]],
+            "m": [_message_row(m) for m in v["messages"]],
             "j": [[j.judge, j.judge_sample, ("pass" if j.passed else "fail") if j.status == "ok" else j.status,
                    j.label if j.status == "ok" else j.status, j.explanation or j.error or ""] for j in v["judgements"]],
         })

@@ -10,10 +10,12 @@ from tqdm import tqdm
 
 from ..matrix import Matrix
 from ..models.limits import RunCounters
-from ..records import Sample, SimulatedSession, session_id_for
+from ..models.transport import call_sink
+from ..records import CallRecord, Sample, SimulatedSession, session_id_for
 from ..store import RunStore
 from ..tracing.setup import flush_spans
 from .agents import Agent
+from .tutors import Tutor
 from .session import run_session
 
 
@@ -21,7 +23,7 @@ async def simulate(
     matrix: Matrix,
     run_id: str,
     samples: list[Sample],
-    tutor: Agent,
+    tutor: Tutor,
     student: Agent,
     store: RunStore,
     progress: Optional[tqdm] = None,
@@ -37,7 +39,13 @@ async def simulate(
             attempt = store.next_attempt(sample.sample_id)
             session_id = session_id_for(run_id, sample.sample_id, attempt)
             store.start_session(SimulatedSession(sample, session_id, attempt, "running", started_at=time.time()))
-            result = await run_session(matrix, tutor, student, sample, session_id, attempt)
+            calls: list[CallRecord] = []
+            try:
+                with call_sink(calls):
+                    result = await run_session(matrix, tutor, student, sample, session_id, attempt)
+            except BaseException:  # cancelled (Ctrl-C): the attempt stays 'running', its calls are still counted
+                store.add_calls(session_id, calls)
+                raise
             flush_spans()
             store.finish_session(result.session, result.closing_span_id, result.calls)
             if result.session.status == "errored":
@@ -56,7 +64,9 @@ def _live_counts(errored: int, counters: Optional[RunCounters]) -> str:
     return text
 
 
-def pending_samples(store: RunStore, samples: list[Sample]) -> list[Sample]:
-    """Samples whose latest attempt did not finish (never started, or killed while running)."""
-    finished = {s["sample_id"] for s in store.latest_sessions() if s["status"] in ("completed", "errored")}
+def pending_samples(store: RunStore, samples: list[Sample], retry_errors: bool = False) -> list[Sample]:
+    """Samples whose latest attempt did not finish (never started, or killed while running), and
+    with ``retry_errors`` those whose latest attempt errored."""
+    done = ("completed",) if retry_errors else ("completed", "errored")
+    finished = {s["sample_id"] for s in store.latest_sessions() if s["status"] in done}
     return [s for s in samples if s.sample_id not in finished]

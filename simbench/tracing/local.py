@@ -23,6 +23,8 @@ SPAN_COLUMNS = [
     "attributes.llm.input_messages", "attributes.llm.output_messages", "attributes.llm.model_name",
     "attributes.llm.token_count.prompt", "attributes.llm.token_count.completion",
     "attributes.llm.token_count.total", "attributes.input.value", "attributes.output.value",
+    # TOOL spans: a turn's tool calls (``simbench.tool_call`` marks the ones simbench wrote)
+    "attributes.tool.name", "attributes.tool.parameters", "attributes.simbench.tool_call",
 ]
 _LIST_ATTRIBUTES = ("llm.input_messages", "llm.output_messages")
 _INDEXED = re.compile(r"^(llm\.(?:input|output)_messages)\.(\d+)\.(.+)$")

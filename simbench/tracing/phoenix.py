@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 from ..records import Judgement
 from .local import SPAN_COLUMNS
+from .setup import REPLY_METADATA, TOOL_CALL_MARK
 from .stores import SpanSelection, TraceStore, TraceStoreError
 
 # Phoenix picks a span's project from this resource attribute.
@@ -30,6 +31,11 @@ DEFAULT_PAGE_SIZE = 1000
 # How long to wait for the server to make freshly exported spans queryable.
 INGEST_WAIT_S = 30.0
 REQUEST_TIMEOUT_S = 30
+# Text columns in which Phoenix's dataframe writes a missing value as "None" (``to_span_frame``).
+CAST_TEXT_COLUMNS = ("parent_id", "attributes.session.id", "attributes.input.value", "attributes.output.value",
+                     "attributes.tool.name")
+# Where Phoenix's dataframe puts the attributes simbench names ``simbench.*``.
+NESTED_SIMBENCH = "attributes.simbench"
 
 
 class PhoenixStore(TraceStore):
@@ -185,16 +191,47 @@ def span_annotation_rows(turns: Sequence[Judgement]) -> list[dict]:
 
 def to_span_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """Phoenix's dataframe -> the span dataframe: every design column present, times in UTC,
-    message lists as lists (Phoenix leaves them out of a span that has none)."""
+    message lists as lists (Phoenix leaves them out of a span that has none), missing text missing.
+
+    Phoenix's dataframe comes as a JSON table schema whose text columns are cast to ``str``, so a
+    value a span lacks (a root's parent id, a closing span's input) arrives as the string
+    ``"None"``: read back as missing in the text columns the rebuild reads (a reply that is exactly
+    "None" cannot be told apart from no reply there).
+    """
     frame = frame.copy()
     for column in SPAN_COLUMNS:
         if column not in frame.columns:
             frame[column] = None
+    for column in CAST_TEXT_COLUMNS:
+        frame[column] = frame[column].where(~frame[column].isin(["None"]), None)
+    frame["parent_id"] = frame["parent_id"].where(frame["parent_id"] != "", None)
+    frame = _unnest_simbench(frame)
     for column in ("start_time", "end_time"):
         frame[column] = pd.to_datetime(frame[column], utc=True)
     for column in ("attributes.llm.input_messages", "attributes.llm.output_messages"):
         frame[column] = frame[column].map(lambda v: list(v) if isinstance(v, (list, tuple)) or hasattr(v, "tolist") else [])
     return frame
+
+
+def _unnest_simbench(frame: pd.DataFrame) -> pd.DataFrame:
+    """Phoenix nests attributes outside OpenInference's names: ``simbench.tool_call`` comes back
+    inside one ``attributes.simbench`` dict column. Give simbench's keys their dotted columns again,
+    as the other stores name them."""
+    if NESTED_SIMBENCH not in frame.columns:
+        return frame
+    nested = frame.pop(NESTED_SIMBENCH)
+    for key in (TOOL_CALL_MARK, REPLY_METADATA):
+        path = key.split(".")[1:]
+        frame[f"attributes.{key}"] = nested.map(lambda value: _dig(value, path))
+    return frame
+
+
+def _dig(value, path: list[str]):
+    for part in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
 
 
 class ResourceExporter(SpanExporter):

@@ -72,7 +72,7 @@
   // a (anchor, "s-N"), v/t/p (name indexes), r (repeat), b (1 for the baseline), st (status), f (1 if a
   // judge failed it), n (tutor turns), id (session id), sp (span id), stop, err, l (filter tokens),
   // o ([dim, outcome, label]), u ([role, calls, prompt tokens, completion tokens, seconds]),
-  // m ([role, text]), j ([judge, sample, outcome, label, explanation]); groups[k] has a ("p-N"), t, p,
+  // m ([role, text] or [role, text, tool calls as [name, arguments, result]]), j ([judge, sample, outcome, label, explanation]); groups[k] has a ("p-N"), t, p,
   // r, fl and er (failed and errored sessions), s (session indexes, baseline first), in display order.
 
   function el(tag, cls, text) {
@@ -84,8 +84,29 @@
   function safeClass(name) {
     return /^[a-z_]+$/.test(name) ? name : "other";
   }
+  // Names and model text go in a <bdi>, so a bidi override in them cannot reorder the text around.
+  function iso(tag, cls, text) {
+    var e = el(tag, cls);
+    e.appendChild(el("bdi", null, text));
+    return e;
+  }
   function tag(outcome, text) {
-    return el("span", "tag " + safeClass(outcome), text);
+    return iso("span", "tag " + safeClass(outcome), text);
+  }
+  // A reply's tool calls ([name, arguments, result] each), under the reply: "tool name(arguments) -> result".
+  function toolCalls(calls) {
+    var box = el("div", "tool-calls small");
+    calls.forEach(function (t) {
+      var line = el("div", "tool-call");
+      line.appendChild(document.createTextNode("tool "));
+      line.appendChild(iso("code", null, t[0]));
+      line.appendChild(document.createTextNode("("));
+      line.appendChild(el("bdi", "args", t[1]));
+      line.appendChild(document.createTextNode(") \u2192 "));
+      line.appendChild(el("bdi", "result", t[2]));
+      box.appendChild(line);
+    });
+    return box;
   }
 
   function LazyList(data) {
@@ -117,7 +138,7 @@
       var head = el("header");
       head.appendChild(statusTag(s));
       head.appendChild(document.createTextNode(" "));
-      head.appendChild(el("b", null, names.variant[s.v] + (s.b ? " (baseline)" : "")));
+      head.appendChild(iso("b", null, names.variant[s.v] + (s.b ? " (baseline)" : "")));
       head.appendChild(document.createTextNode(" · " + s.n + " tutor turns"));
       var tags = el("div");
       s.o.forEach(function (o) { tags.appendChild(tag(o[1], o[0] + ": " + o[2])); });
@@ -137,14 +158,16 @@
       if (s.err) {
         var p = el("p");
         p.appendChild(el("b", null, "Error:"));
-        p.appendChild(document.createTextNode(" " + s.err));
+        p.appendChild(document.createTextNode(" "));
+        p.appendChild(el("bdi", null, s.err));
         a.appendChild(p);
       }
       s.m.forEach(function (m) {
         var d = el("div", "msg " + safeClass(m[0]));
         d.appendChild(el("span", "who", m[0]));
-        d.appendChild(document.createTextNode(m[1]));
+        d.appendChild(el("bdi", null, m[1]));
         a.appendChild(d);
+        if (m[2] && m[2].length) a.appendChild(toolCalls(m[2]));
       });
       if (s.j.length) {
         var table = el("table"), tr = el("tr");
@@ -154,10 +177,10 @@
         table.appendChild(tr);
         s.j.forEach(function (j) {
           var row = el("tr"), cell = el("td");
-          row.appendChild(el("td", "name", j[0] + (j[1] ? " #" + j[1] : "")));
+          row.appendChild(iso("td", "name", j[0] + (j[1] ? " #" + j[1] : "")));
           cell.appendChild(tag(j[2], j[3]));
           row.appendChild(cell);
-          row.appendChild(el("td", "name", j[4]));
+          row.appendChild(iso("td", "name", j[4]));
           table.appendChild(row);
         });
         a.appendChild(table);
@@ -173,10 +196,14 @@
       var sum = el("summary");
       if (g.fl) sum.appendChild(tag("fail", g.fl + " failed"));
       if (g.er) sum.appendChild(tag("errored", g.er + " errored"));
-      sum.appendChild(el("b", null, names.topic[g.t]));
-      sum.appendChild(document.createTextNode(" · " + names.persona[g.p] + " · repeat " + g.r));
+      sum.appendChild(iso("b", null, names.topic[g.t]));
+      sum.appendChild(document.createTextNode(" · "));
+      sum.appendChild(el("bdi", null, names.persona[g.p]));
+      sum.appendChild(document.createTextNode(" · repeat " + g.r));
       g.s.forEach(function (i) {
-        sum.appendChild(document.createTextNode(" · " + names.variant[sessions[i].v] + " "));
+        sum.appendChild(document.createTextNode(" · "));
+        sum.appendChild(el("bdi", null, names.variant[sessions[i].v]));
+        sum.appendChild(document.createTextNode(" "));
         sum.appendChild(statusTag(sessions[i]));
       });
       d.appendChild(sum);
