@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .evaluators.transcripts import load_transcripts
-from .matrix import JudgesSpec, Matrix, import_matrix
-from .pipeline import RunOutcome, judge_transcripts
+from .matrix import JudgesSpec, Matrix
+from .offline import judge_transcripts
+from .pipeline import RunOutcome
 from .reports.calibration import MAP_SETTING, MIN_KAPPA_SETTING, LabelMapError, check_labels, kappa_failures, load_label_map
 from .reports.summary import judge_choices
 
@@ -44,8 +45,7 @@ def run_calibration(path: Path, map_path: Optional[Path] = None, matrix: Optiona
     # Only the labelled dimensions are judged: the others would cost calls and calibrate nothing.
     labelled = {dim for s in sessions for dim in s.labels}
     judges = judges.model_copy(update={"use": [d for d in judges.use if d in labelled]})
-    base = import_matrix(sessions, Path(path).stem, matrix).model_copy(update={"judges": judges, "gates": {}})
-    outcome = judge_transcripts(path, base, run_dir, cache_path=cache_path, progress=progress, sessions=sessions,
+    outcome = judge_transcripts(path, matrix, run_dir, judges=judges, cache_path=cache_path, progress=progress, sessions=sessions,
                                 settings={MAP_SETTING: mapping, MIN_KAPPA_SETTING: min_kappa},
                                 judge_samples=judge_samples, judge_temperature=judge_temperature)
     section = outcome.summary["calibration"]

@@ -404,8 +404,9 @@ def judge(run_dir, store_kind, endpoint, project, start, end, where, matrix_path
     Exit codes: 0 done, 1 a gate failed (--transcripts), 2 invalid input, 3 the run could not complete
     (or every judgement errored), 130 Ctrl-C.
     """
-    from .offline import judge_spans, spans_from_run, spans_from_store
-    from .pipeline import RunError, new_run_id, open_remote
+    from .evaluators.transcripts import TranscriptError
+    from .offline import judge_spans, judge_transcripts, spans_from_run, spans_from_store
+    from .pipeline import RunError, open_remote
 
     if sum(x is not None for x in (run_dir, store_kind, transcripts)) != 1:
         raise click.UsageError("give one of RUN_DIR, --store (with --project, --start and --end) or --transcripts FILE")
@@ -413,26 +414,27 @@ def judge(run_dir, store_kind, endpoint, project, start, end, where, matrix_path
         raise click.UsageError("--gate applies to --transcripts only (a gate on RUN_DIR: simbench run --gate)")
     cache_path = None if no_cache else Path(cache) if cache else default_cache_path()
     judge_matrix = _load(matrix_path) if matrix_path else None
-    if transcripts is not None:
-        _judge_transcripts(transcripts, judge_matrix, out, gates, cache_path, quiet, judge_samples, judge_temperature)
-        return
+    settings = dict(cache_path=cache_path, progress=not quiet, judge_samples=judge_samples,
+                    judge_temperature=judge_temperature)
+    out_dir = Path(out) if out else None
     remote = None
     try:
-        if run_dir is not None:
+        if transcripts is not None:
+            outcome = judge_transcripts(Path(transcripts), judge_matrix, out_dir, gates=_parse_gates(gates),
+                                        require_verdicts=True, **settings)
+        elif run_dir is not None:
             spans, run_matrix = spans_from_run(Path(run_dir))
-            judge_matrix = judge_matrix or run_matrix
-            source, name = str(run_dir), f"{run_matrix.name}-judged"
+            outcome = judge_spans(spans, judge_matrix or run_matrix, out_dir, name=f"{run_matrix.name}-judged",
+                                  source=str(run_dir), **settings)
         else:
             config = _store_config(store_kind, endpoint, project)
             window = (_parse_time(start, "--start"), _parse_time(end, "--end"))
             remote = open_remote(config)
             spans = spans_from_store(remote, *window, where)
-            judge_matrix = judge_matrix or _default_judge_matrix()
-            source, name = f"{remote.describe()}", f"{config.project}-judged"
-        run_id = new_run_id()
-        outcome = judge_spans(spans, judge_matrix, Path(out) if out else Path("runs") / f"{name}-{run_id}",
-                              name=name, source=source, log_to=remote, cache_path=cache_path, progress=not quiet,
-                              judge_samples=judge_samples, judge_temperature=judge_temperature)
+            outcome = judge_spans(spans, judge_matrix or _default_judge_matrix(), out_dir,
+                                  name=f"{config.project}-judged", source=remote.describe(), log_to=remote, **settings)
+    except TranscriptError as exc:
+        _input_problems(exc)
     except RunError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
@@ -440,26 +442,6 @@ def judge(run_dir, store_kind, endpoint, project, start, end, where, matrix_path
     finally:
         if remote is not None:
             remote.close()
-    _print_outcome(outcome)
-
-
-def _judge_transcripts(transcripts: str, matrix, out: Optional[str], gates: tuple[str, ...], cache_path: Optional[Path],
-                       quiet: bool, judge_samples: Optional[int], judge_temperature: Optional[float]) -> None:
-    """``judge --transcripts FILE``: the file's conversations, judged into a new run directory."""
-    from .evaluators.transcripts import TranscriptError
-    from .pipeline import RunError, judge_transcripts
-
-    gate_map = _parse_gates(gates)
-    try:
-        outcome = judge_transcripts(Path(transcripts), matrix, Path(out) if out else None, cache_path=cache_path,
-                                    gates=gate_map, progress=not quiet, judge_samples=judge_samples,
-                                    judge_temperature=judge_temperature, require_verdicts=True)
-    except TranscriptError as exc:
-        _input_problems(exc)
-    except RunError as exc:
-        _fail(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        _interrupted()
     _print_outcome(outcome)
     if outcome.gate_failures:
         sys.exit(EXIT_GATE)

@@ -11,7 +11,7 @@ import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import jinja2
 import jinja2.sandbox
@@ -24,9 +24,6 @@ from .personas import builtin_personas
 from .personas.prompt import student_system_prompt
 from .records import Sample
 from .scenarios import builtin_topics
-
-if TYPE_CHECKING:
-    from .evaluators.transcripts import ImportedSession
 
 IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]*$")
 # Every built-in judge a matrix may name; the default ``judges.use`` is the tutor's judges only.
@@ -151,9 +148,13 @@ class HttpSpec(_Strict):
 
 class TutorSpec(_Strict):
     """The assistant under test: a prompt sent to a model (``kind: prompt``, the default), the user's
-    own Python function (``callable``) or running app (``http``), in one or more variants."""
+    own Python function (``callable``) or running app (``http``), in one or more variants.
 
-    kind: Literal["prompt", "callable", "http"] = "prompt"
+    ``imported`` is what simbench records for a run that judged sessions recorded elsewhere
+    (``simbench judge``): variants only name the sessions' variants, and nothing is called. A
+    matrix to run cannot use it."""
+
+    kind: Literal["prompt", "callable", "http", "imported"] = "prompt"
     model: Optional[str] = None
     callable: Optional[str] = None
     http: Optional[HttpSpec] = None
@@ -555,7 +556,8 @@ class Matrix(_Strict):
     name: str = Field(min_length=1)
     models: dict[str, ModelSpec] = Field(default_factory=dict)
     tutor: TutorSpec
-    student: StudentSpec = Field(default_factory=StudentSpec)
+    student: Optional[StudentSpec] = Field(default_factory=StudentSpec)
+    """None only in the matrix of a run of imported sessions (``tutor.kind: imported``): no student was simulated."""
     judges: JudgesSpec = Field(default_factory=JudgesSpec)
     topics: list[Topic] = Field(min_length=1)
     personas: list[Persona] = Field(min_length=1)
@@ -611,7 +613,7 @@ class Matrix(_Strict):
     def model_for(self, role: str) -> tuple[str, ModelSpec]:
         """The (name, spec) the student or the judges use (for the tutor: ``tutor.model_of(variant)``);
         a missing ``local`` entry means the embedded default."""
-        name = {"student": self.student.model, "judge": self.judges.model}[role]
+        name = self.judges.model if role == "judge" else self.student.model
         return name, self.models.get(name) or ModelSpec(provider="local")
 
     def model_spec(self, name: str) -> ModelSpec:
@@ -622,9 +624,14 @@ class Matrix(_Strict):
         """The models the judges in ``judges.use`` run on, in first-use order."""
         return list(dict.fromkeys(self.judges.model_of(name) for name in self.judges.use))
 
+    def simulates(self) -> bool:
+        """Whether this matrix's sessions are simulated (False for a run of imported sessions)."""
+        return self.tutor.kind != "imported"
+
     def model_names_in_use(self) -> list[str]:
         """Every model a role or a judge calls, each once."""
-        roles = self.tutor.model_names() + [self.model_for(r)[0] for r in ("student", "judge")]
+        roles = self.tutor.model_names() + [self.model_for(r)[0] for r in ("student", "judge")] if self.simulates() \
+            else [self.judges.model]
         return list(dict.fromkeys(roles + self.judge_model_names()))
 
     def local_model_names(self) -> set[str]:
@@ -706,42 +713,6 @@ def judge_prompt_tokens(matrix: Matrix, transcript: str, topic: str, reference: 
     """An upper bound on the tokens of one judge request (template, conversation, fields, answer)."""
     return (_JUDGE_TEMPLATE_TOKENS + _tokens(transcript) + _tokens(topic) + _tokens(reference) + _tokens(goal)
             + matrix.judges.max_tokens)
-
-
-# -- the matrix of imported sessions ------------------------------------------------------------
-
-
-def import_matrix(sessions: list["ImportedSession"], name: str, base: Optional[Matrix] = None,
-                  source: str = "<transcripts>") -> Matrix:
-    """The matrix stored with a run of imported sessions (``evaluators.transcripts.ImportedSession``).
-
-    Judges, models, concurrency and gates come from ``base`` (default: the built-in judges on the
-    embedded model); variants, topics and personas are the names the sessions carry, so the summary
-    and the report break results down by them. Nothing is simulated: every role names the judge's model.
-    ``source`` (the transcripts file) is what the run records as its matrix source.
-    """
-    judges = base.judges if base else JudgesSpec()
-    topics: dict[str, Topic] = {}
-    for s in sessions:
-        # Imported sessions carry their own reference and goal; the topic only names them.
-        topics.setdefault(s.topic, Topic(name=s.topic, opening=s.opening or s.topic))
-    personas = {s.persona: Persona(name=s.persona, description="imported sessions") for s in sessions}
-    variants = {s.variant: "" for s in sessions}
-    return Matrix(
-        name=name or "transcripts",
-        models=dict(base.models) if base else {},
-        tutor=TutorSpec(model=judges.model, variants=variants),
-        student=StudentSpec(model=judges.model),
-        judges=judges,
-        topics=list(topics.values()),
-        personas=list(personas.values()),
-        # Sessions of one (variant, topic, persona) are different conversations, not repeats of one: no pass^k.
-        repeats=1,
-        max_turns=max((sum(1 for m in s.messages if m.role == "tutor") for s in sessions), default=1),
-        concurrency=base.concurrency if base else 8,
-        gates=dict(base.gates) if base else {},
-        source=source,  # the transcripts file: what the run judged
-    )
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -996,6 +967,10 @@ def _read_library_file(name: Any, kind: str, base_dir: Optional[Path], where: st
 def _check_tutor(matrix: Matrix, at: Callable[[tuple, str], None], check_model: Callable[[tuple, Optional[str]], None]) -> None:
     """The tutor's kind has what it needs; every variant's model exists and its prompt renders."""
     tutor = matrix.tutor
+    if tutor.kind == "imported":
+        at(("tutor", "kind"), "kind imported is what simbench records for sessions judged without simulating "
+           "(simbench judge); a matrix to run needs kind prompt, callable or http")
+        return
     needs = {"callable": "callable", "http": "http"}
     for kind, field_name in needs.items():
         value = getattr(tutor, field_name)
@@ -1132,6 +1107,9 @@ def _check_references(matrix: Matrix, lines: "_LineIndex", source: str) -> list[
             at(loc, f"unknown model {name!r}; declare it under models: (known: {sorted(matrix.models) or 'none'})")
 
     for role_key, spec in (("tutor", matrix.tutor), ("student", matrix.student), ("judges", matrix.judges)):
+        if spec is None:
+            at((role_key,), f"{role_key}: must be a mapping (omit it for the defaults)")
+            continue
         check_model((role_key, "model"), spec.model)
     for kind, items in (("topics", matrix.topics), ("personas", matrix.personas)):
         seen: set[str] = set()

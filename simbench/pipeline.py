@@ -26,9 +26,8 @@ from . import __version__
 from .evaluators.judges import JudgeInput, judge_sessions, persona_text
 from .evaluators.logback import push_judgements, run_selection
 from .evaluators.sessions import rebuild_sessions
-from .evaluators.transcripts import ImportedSession, TranscriptError, import_sessions, load_transcripts, samples_for
 from .evaluators.turns import aggregate_turns
-from .matrix import LOCAL_MAX_CONTEXT, Matrix, import_matrix, judge_prompt_tokens, store_secret_env_names
+from .matrix import Matrix, store_secret_env_names
 from .models.cache import ResponseCache
 from .models.embedded import EMBEDDED_LOG, EmbeddedModelError, EmbeddedServer, require_installed, slot_context
 from .models.endpoints import Endpoint, EndpointError, check_reachable, endpoints_for, limiters_for, openai_client
@@ -608,69 +607,7 @@ def rebuild_report(run_dir: Path) -> RunOutcome:
         store.close()
 
 
-# -- judging imported transcripts ------------------------------------------------------------------
-
-
-def judge_transcripts(
-    path: Path,
-    matrix: Optional[Matrix] = None,
-    run_dir: Optional[Path] = None,
-    *,
-    cache_path: Optional[Path] = None,
-    gates: Optional[dict[str, float]] = None,
-    progress: bool = True,
-    sessions: Optional[list[ImportedSession]] = None,
-    settings: Optional[dict[str, Any]] = None,
-    judge_samples: Optional[int] = None,
-    judge_temperature: Optional[float] = None,
-    require_verdicts: bool = False,
-) -> RunOutcome:
-    """Judge the conversations of a transcripts file (docs/transcripts.md) into a new run directory.
-
-    ``matrix`` supplies the judges, their model and the gates (default: the built-in judges on the
-    embedded model). The sessions go into the run's local trace store and are judged and reported
-    by the same code as a simulated run. ``sessions``: the file already parsed; ``settings``: run
-    settings the report reads (``RunStore.set_setting``), stored before judging. Raises
-    ``TranscriptError`` for an invalid file (before any model call) and ``RunError`` as ``run_matrix`` does;
-    ``require_verdicts``: also when every judgement errored (calibrate and selftest report that themselves).
-    """
-    sessions = load_transcripts(path) if sessions is None else sessions
-    spec = import_matrix(sessions, Path(path).stem, matrix, source=str(path))
-    check_gate_names(spec, gates)
-    context = _imported_context(spec, sessions, str(path))
-    cache = ResponseCache(cache_path) if cache_path else None
-    try:
-        store, run_id, run_dir, hold = _open_run(spec, run_dir, False, samples_for(sessions))
-    except BaseException:
-        if cache is not None:
-            cache.close()
-        raise
-    started = False
-    try:
-        store_settings(store, {**judge_settings(spec, judge_samples, judge_temperature), **(settings or {})})
-        import_sessions(store, run_id, sessions, str(path))
-        with embedded_server(spec, run_dir, spec.uses_local(), context) as local_url:
-            endpoints = reachable_endpoints(spec, local_url)
-            if spec.uses_local():
-                _log("Judging with the embedded SmolLM2-135M model: it checks that the pipeline works; "
-                     "do not trust its judgements.")
-            started = True
-            asyncio.run(judge_stored_sessions(spec, store, endpoints, cache, progress))
-        store.finish_run("finished")
-        outcome = summarize_and_report(spec, store, run_dir, gates)
-        if require_verdicts:
-            raise_if_nothing_done(store, outcome)
-        return outcome
-    except KeyboardInterrupt:
-        raise RunInterrupted(run_dir if started else None) from None
-    finally:
-        store.close()
-        if started:
-            hold.release()
-        else:
-            hold.discard()
-        if cache is not None:
-            cache.close()
+# -- judging sessions already in a run's file ----------------------------------------------------
 
 
 async def judge_stored_sessions(matrix: Matrix, store: RunStore, endpoints, cache, progress: bool,
@@ -679,18 +616,3 @@ async def judge_stored_sessions(matrix: Matrix, store: RunStore, endpoints, cach
     counters = RunCounters()
     limiters = limiters_for(matrix, counters)
     await judge_run(matrix, store.run()["run_id"], store, endpoints, cache, limiters, progress, counters, spans)
-
-
-def _imported_context(matrix: Matrix, sessions: list[ImportedSession], source: str) -> Optional[int]:
-    """Tokens one embedded-model slot needs for the longest judge prompt; a conversation too long
-    for the model is an input error naming its line (before any model call)."""
-    if not matrix.uses_local():
-        return None
-    needed = {s.line: judge_prompt_tokens(matrix, "\n\n".join(m.content for m in s.messages), s.topic, s.reference, s.goal)
-              for s in sessions}
-    too_long = [f"{source}:{line}: the conversation needs about {n} tokens with the judge's prompt; the embedded "
-                f"model holds {LOCAL_MAX_CONTEXT} (judge it with a remote model: --matrix with judges.model)"
-                for line, n in needed.items() if n > LOCAL_MAX_CONTEXT]
-    if too_long:
-        raise TranscriptError(too_long)
-    return max(needed.values())

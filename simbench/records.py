@@ -129,6 +129,45 @@ class Transcript:
 
 
 @dataclass
+class ImportedSession:
+    """A conversation judged without simulating it: a line of a transcripts file (docs/transcripts.md)
+    or a session rebuilt from a trace store's spans (``simbench judge RUN_DIR`` / ``--store``).
+
+    ``messages`` alternate student and tutor. ``session_id`` is set for sessions from spans, which
+    keep their source's id so judgements logged back land on them; a transcripts line gets a new one.
+    ``repeat`` is the one a simbench run recorded; None numbers the sessions of a cell 1, 2, ...
+    ``line``: the transcripts file's line; ``labels``: human labels per dimension; ``span_id``:
+    the root span of a session from spans.
+    """
+
+    source_id: str
+    messages: list[Message]
+    topic: str
+    persona: str
+    variant: str
+    repeat: Optional[int] = None
+    reference: Optional[str] = None
+    goal: Optional[str] = None
+    labels: dict[str, str] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    line: Optional[int] = None
+    system_messages: int = 0
+    session_id: Optional[str] = None
+    span_id: Optional[str] = None
+    started_at: Optional[float] = None
+    ended_at: Optional[float] = None
+
+    @property
+    def opening(self) -> str:
+        return next((m.content for m in self.messages if m.role == "student"), "")
+
+    @property
+    def where(self) -> str:
+        """How an error names this session: its line, else its id."""
+        return f"line {self.line}" if self.line is not None else f"session {self.source_id}"
+
+
+@dataclass
 class Judgement:
     """One judge's verdict on one session."""
 

@@ -17,8 +17,9 @@ from typing import Optional
 
 from .evaluators.builtin import BUILTIN
 from .evaluators.transcripts import load_transcripts
-from .matrix import DEFAULT_MODEL, JudgesSpec, Matrix
-from .pipeline import RunOutcome, judge_transcripts
+from .matrix import DEFAULT_MODEL, JudgesSpec, Matrix, ModelSpec
+from .offline import judge_transcripts
+from .pipeline import RunOutcome
 from .reports.calibration import label_pairs
 from .store import RunStore
 
@@ -66,29 +67,26 @@ def selftest_cases() -> resources.abc.Traversable:
     return resources.files("simbench.evaluators").joinpath("data", "selftest.jsonl")
 
 
-def selftest_matrix(matrix: Optional[Matrix], model: Optional[str]) -> Matrix:
-    """The matrix to judge with: ``matrix``'s judges settings and models, every built-in judge, on ``model``."""
+def selftest_judges(matrix: Optional[Matrix], model: Optional[str]) -> JudgesSpec:
+    """The judges to run: ``matrix``'s judges settings, every built-in judge, on ``model`` (one of
+    ``matrix``'s models, or the embedded one)."""
     known = set(matrix.models) if matrix else set()
     name = model or (matrix.judges.model if matrix else DEFAULT_MODEL)
     if name not in known and name != DEFAULT_MODEL:
         hint = f"models in the matrix: {', '.join(sorted(known))}" if known else "pass --matrix M that declares it under models:"
         raise SelftestError(f"--model {name}: no such model ({hint}; {DEFAULT_MODEL!r} is the embedded model)")
     base = matrix.judges if matrix else JudgesSpec()
-    judges = base.model_copy(update={"model": name, "use": list(BUILTIN)})
-    if matrix is None:
-        # Only the judges matter: the cases bring their own conversations, topics and personas.
-        return Matrix(name="selftest", tutor={"variants": {"selftest": ""}}, topics=[{"name": "-", "opening": "-"}],
-                      personas=[{"name": "-", "description": "-"}], judges=judges)
-    return matrix.model_copy(update={"judges": judges, "gates": {}})
+    return base.model_copy(update={"model": name, "use": list(BUILTIN)})
 
 
 def run_selftest(matrix: Optional[Matrix] = None, model: Optional[str] = None, run_dir: Optional[Path] = None, *,
                  cache_path: Optional[Path] = None, progress: bool = True) -> SelftestResult:
     """Judge the built-in cases and compare each case's target dimensions with what it expects."""
-    spec = selftest_matrix(matrix, model)
+    judges = selftest_judges(matrix, model)
     with resources.as_file(selftest_cases()) as path:
         sessions = load_transcripts(path)
-        outcome = judge_transcripts(path, spec, run_dir, cache_path=cache_path, progress=progress, sessions=sessions)
+        outcome = judge_transcripts(path, matrix, run_dir, judges=judges, cache_path=cache_path, progress=progress,
+                                    sessions=sessions)
     described = {s.source_id: str(s.extra.get("case", "")) for s in sessions}
     store = RunStore.open_run_dir(outcome.run_dir)
     try:
@@ -97,4 +95,5 @@ def run_selftest(matrix: Optional[Matrix] = None, model: Optional[str] = None, r
         store.close()
     checks = [SelftestCheck(p.source_id, described.get(p.source_id, ""), p.dimension, p.expected,
                             p.judged if p.status == "ok" else p.status, p.explanation) for p in pairs]
-    return SelftestResult(checks, outcome, spec.judges.model, spec.uses_local())
+    on_embedded = (matrix.model_spec(judges.model) if matrix else ModelSpec(provider="local")).provider == "local"
+    return SelftestResult(checks, outcome, judges.model, on_embedded)

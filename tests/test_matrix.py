@@ -89,6 +89,10 @@ CASES = [
     pytest.param(lambda url: dump(base_matrix(url, colour="red")), "colour", ["colour:"], "unknown field",
                  id="unknown-top-level-field"),
     pytest.param(_local_context_too_big, "max_turns", ["max_turns:"], "cannot fit", id="local-context-does-not-fit"),
+    pytest.param(lambda url: dump(base_matrix(url, tutor={"kind": "imported", "variants": {"a": "x"}})), "tutor.kind",
+                 ["kind: imported"], "simbench judge", id="tutor-kind-imported"),
+    pytest.param(lambda url: dump(base_matrix(url, student=None)), "student", ["student: null"], "must be a mapping",
+                 id="student-null"),
 ]
 
 

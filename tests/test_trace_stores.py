@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pandas as pd
@@ -109,3 +110,32 @@ def test_judge_run_dir_rejudges_with_other_judges(fake, write_matrix, tmp_path, 
     assert original.judgements() == judged_before  # the source run is not changed
     assert again.summary()["sessions"]["completed"] == 2
     assert "frustration" in again.summary()["dimensions"]
+
+
+def test_a_judged_run_records_imported_sessions_not_a_made_up_tutor(fake, write_matrix, tmp_path, open_run):
+    # The matrix a judge-only run records says what it was: the sessions' variants, kind imported,
+    # no student, and only the judges' model in use; and `compare` names it so.
+    assert run_cli(write_matrix(base_matrix(fake.base_url)), tmp_path / "run", "--no-cache").exit_code == 0
+    result = invoke("judge", tmp_path / "run", "--out", tmp_path / "again", "-q", "--no-cache")
+    assert result.exit_code == 0, result.output
+    recorded = json.loads(open_run(tmp_path / "again").rows("SELECT matrix_json FROM runs")[0]["matrix_json"])
+    assert recorded["tutor"]["kind"] == "imported"
+    assert recorded["student"] is None
+    assert set(recorded["tutor"]["variants"]) == {"socratic", "direct"}
+    assert recorded["tutor"]["variants"]["socratic"].startswith("You are a patient tutor")  # the run's own prompt
+    assert recorded["tutor"]["baseline"] == "socratic"
+    compared = invoke("compare", tmp_path / "run", tmp_path / "again", "--out", tmp_path / "cmp.html")
+    assert compared.exit_code == 0, compared.output
+    assert "note: the tutor models differ" in compared.output
+    assert "imported sessions (not simulated)" in (tmp_path / "cmp.html").read_text()
+
+
+def test_judge_run_dir_into_an_existing_run_is_refused_and_keeps_it(fake, write_matrix, tmp_path, open_run):
+    # One path for every judge-only run: the same refusal as `run`, and nothing of the existing run removed.
+    assert run_cli(write_matrix(base_matrix(fake.base_url)), tmp_path / "run", "--no-cache").exit_code == 0
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    result = invoke("judge", tmp_path / "run", "--out", tmp_path / "run", "-q", "--no-cache")
+    assert result.exit_code == 2, result.output
+    assert "already holds a run" in result.output
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    assert open_run(tmp_path / "run").summary()["sessions"]["completed"] == 2

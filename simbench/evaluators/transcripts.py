@@ -1,28 +1,19 @@
-"""Imported transcripts: the JSONL format (docs/transcripts.md), parsing, and writing them into a run.
+"""The transcripts file (docs/transcripts.md): JSONL, one session per line, parsed into ``ImportedSession``s.
 
-One session per line. Parsing collects every problem, each naming the file, the line and the field;
-nothing is skipped silently (blank lines carry no session and are the only lines passed over).
-
-An imported conversation is written into the run's local trace store as the spans the tracer would
-have recorded for it (one LLM span per assistant message, a closing ``session.end`` span for a last
-user message), so the judges and the report read it through the same session rebuild as a
-simulated run. Its per-session reference and goal travel in the spans' metadata.
+Parsing collects every problem, each naming the file, the line and the field; nothing is skipped
+silently (blank lines carry no session and are the only lines passed over). ``offline.py`` judges
+the sessions, as it judges sessions rebuilt from a trace store.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..records import Message, Sample, SimulatedSession, session_id_for
-from ..store import RunStore, dumps
-from ..tracing.setup import SESSION_END_SPAN
+from ..records import ImportedSession, Message
 
 # Roles as an OpenAI-style export writes them, or as simbench names them.
 STUDENT_ROLES = ("user", "student")
@@ -64,31 +55,6 @@ class _SessionLine(_Strict):
     messages: list[_MessageLine] = Field(min_length=1)
     metadata: _Metadata = Field(default_factory=_Metadata)
     labels: dict[str, str] = Field(default_factory=dict)
-
-
-@dataclass
-class ImportedSession:
-    """One line of a transcripts file, validated.
-
-    ``messages`` alternate student and tutor (consecutive messages of one role are joined, system
-    messages are left out: the judges read the conversation); ``labels`` are human labels per dimension.
-    """
-
-    line: int
-    source_id: str
-    messages: list[Message]
-    topic: str = UNNAMED
-    persona: str = UNNAMED
-    variant: str = IMPORTED_VARIANT
-    reference: Optional[str] = None
-    goal: Optional[str] = None
-    labels: dict[str, str] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    system_messages: int = 0
-
-    @property
-    def opening(self) -> str:
-        return next((m.content for m in self.messages if m.role == "student"), "")
 
 
 def load_transcripts(path: Union[str, Path]) -> list[ImportedSession]:
@@ -215,80 +181,3 @@ def _message(err: dict) -> str:
     if err["type"] == "missing":
         return "required field is missing"
     return err["msg"]
-
-
-# -- into a run --------------------------------------------------------------------------------
-
-
-def samples_for(sessions: list[ImportedSession]) -> list[Sample]:
-    """One sample per imported session: (variant, topic, persona, n-th session of that cell)."""
-    seen: dict[tuple[str, str, str], int] = {}
-    out = []
-    for s in sessions:
-        cell = (s.variant, s.topic, s.persona)
-        seen[cell] = seen.get(cell, 0) + 1
-        out.append(Sample(s.variant, s.topic, s.persona, seen[cell]))
-    return out
-
-
-def import_sessions(store: RunStore, run_id: str, sessions: list[ImportedSession], source: str) -> list[str]:
-    """Write imported sessions into a run: samples, completed sessions, their spans, origins and labels.
-
-    Returns the session ids, in file order.
-    """
-    samples = samples_for(sessions)
-    store.add_samples(samples)
-    now = time.time()
-    base_ns = time.time_ns()
-    ids, origins, labels = [], [], []
-    for n, (session, sample) in enumerate(zip(sessions, samples)):
-        session_id = session_id_for(run_id, sample.sample_id, 1)
-        record = SimulatedSession(sample, session_id, 1, "completed", messages=session.messages,
-                                  stop_reason="imported", started_at=now, ended_at=now)
-        store.start_session(record)
-        rows = conversation_spans(session, session_id, base_ns + n * 1_000_000)
-        store.add_spans(rows)
-        store.finish_session(record, rows[0][0], [])
-        ids.append(session_id)
-        origins.append((session_id, source, session.source_id, session.line))
-        labels.extend((session_id, dim, label) for dim, label in session.labels.items())
-    store.add_imported(origins, labels)
-    return ids
-
-
-def conversation_spans(session: ImportedSession, session_id: str, start_ns: int) -> list[tuple]:
-    """The local store's span rows for one conversation, as the tracer would have written them.
-
-    One LLM span per tutor message (input: the student message before it; output: the message) and,
-    when the conversation ends with the student, a closing ``session.end`` span carrying it.
-    """
-    trace_id = secrets.token_hex(16)
-    metadata = dumps({"imported": True, "source_id": session.source_id, "line": session.line,
-                      "variant": session.variant, "topic": session.topic, "persona": session.persona,
-                      "reference": session.reference, "goal": session.goal, **session.extra})
-    common = {"session.id": session_id, "user.id": session.persona, "metadata": metadata}
-    rows = []
-    pending_student: Optional[str] = None
-    tick = 0
-
-    def row(name: str, kind: str, attributes: dict[str, Any]) -> tuple:
-        nonlocal tick
-        tick += 1
-        start = start_ns + tick * 1000
-        return (secrets.token_hex(8), trace_id, None, name, kind, start, start + 500, "OK", session_id,
-                dumps({**common, "openinference.span.kind": kind, **attributes}))
-
-    for message in session.messages:
-        if message.role == "student":
-            pending_student = message.content
-            continue
-        attributes: dict[str, Any] = {"llm.output_messages.0.message.role": "assistant",
-                                      "llm.output_messages.0.message.content": message.content}
-        if pending_student is not None:
-            attributes["llm.input_messages.0.message.role"] = "user"
-            attributes["llm.input_messages.0.message.content"] = pending_student
-        rows.append(row("imported.turn", "LLM", attributes))
-        pending_student = None
-    rows.append(row(SESSION_END_SPAN, "CHAIN", {"output.value": "imported",
-                                                **({"input.value": pending_student} if pending_student else {})}))
-    return rows

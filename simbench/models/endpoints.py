@@ -128,7 +128,7 @@ def limiters_for(matrix: Matrix, counters: RunCounters) -> dict[str, ModelLimite
                 concurrency = min(concurrency, embedded.SLOTS)
             out[name] = ModelLimiter(name, concurrency, spec.rpm, spec.tpm, max_retries=spec.max_retries, counters=counters)
     tutor = matrix.tutor
-    if tutor.kind != "prompt":
+    if tutor.kind in ("callable", "http"):
         out[tutor.call_name()] = ModelLimiter(tutor.call_name(), tutor.concurrency or matrix.concurrency, None, None,
                                               max_retries=tutor.max_retries, counters=counters)
     return out
@@ -157,7 +157,7 @@ def endpoints_for(matrix: Matrix, local_base_url: Optional[str]) -> dict[str, En
     ``tutor:<model name>``, and for every model a judge runs on, by ``judge:<model name>`` (a custom
     judge may name its own model)."""
     out = {}
-    for role in ("student", "judge"):
+    for role in ("student", "judge") if matrix.simulates() else ("judge",):
         name, spec = matrix.model_for(role)
         out[role] = resolve_endpoint(name, spec, local_base_url)
     for name in matrix.tutor.model_names():

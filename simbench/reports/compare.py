@@ -54,11 +54,21 @@ def _describe(run_dir: Path, store: RunStore) -> dict[str, Any]:
         spec = models.get(name) or {"provider": "local"}
         return spec.get("model") or name if spec.get("provider", "openai") != "local" else f"{name} (embedded)"
 
+    def tutor_of() -> str:
+        kind = tutor.get("kind") or "prompt"
+        if kind == "callable":
+            return f"callable {tutor.get('callable')}"
+        if kind == "http":
+            return f"http app at {(tutor.get('http') or {}).get('base_url')}"
+        if kind == "imported":
+            return "imported sessions (not simulated)"
+        return model_of("tutor")
+
     return {
         "run_dir": str(run_dir), "run_id": run.get("run_id"), "matrix": run.get("matrix_name"),
         "variants": variants, "baseline": tutor.get("baseline") or (variants[0] if variants else None),
         "dimensions": (matrix.get("judges") or {}).get("use") or [],
-        "tutor_model": model_of("tutor"), "judge_model": model_of("judges"),
+        "tutor_model": tutor_of(), "judge_model": model_of("judges"),
     }
 
 
