@@ -94,34 +94,20 @@ def sessions_from_spans(spans: pd.DataFrame) -> list[ImportedSession]:
 # -- judging --------------------------------------------------------------------------------------
 
 
-def judge_transcripts(
-    path: Path,
-    matrix: Optional[Matrix] = None,
-    run_dir: Optional[Path] = None,
-    *,
-    cache_path: Optional[Path] = None,
-    gates: Optional[dict[str, float]] = None,
-    progress: bool = True,
-    sessions: Optional[list[ImportedSession]] = None,
-    settings: Optional[dict[str, Any]] = None,
-    judge_samples: Optional[int] = None,
-    judge_temperature: Optional[float] = None,
-    require_verdicts: bool = False,
-    judges: Optional[JudgesSpec] = None,
-) -> RunOutcome:
+def judge_transcripts(path: Path, matrix: Optional[Matrix] = None, run_dir: Optional[Path] = None, *,
+                      sessions: Optional[list[ImportedSession]] = None, judges: Optional[JudgesSpec] = None,
+                      **options: Any) -> RunOutcome:
     """Judge the conversations of a transcripts file (docs/transcripts.md) into a new run directory.
 
     ``matrix`` supplies the judges, their models and the gates (default: the built-in judges on the
-    embedded model); ``judges``: these judges instead of the matrix's, and none of its gates; ``sessions``: the file already parsed; ``settings``: run settings the report
-    reads, stored before judging. Raises ``TranscriptError`` for an invalid file (before any model
-    call) and ``RunError`` as ``run_matrix`` does; ``require_verdicts``: also when every judgement
-    errored (calibrate and selftest report that themselves).
+    embedded model); ``judges``: these judges instead of the matrix's, and none of its gates;
+    ``sessions``: the file already parsed; ``options``: those of ``judge_imported``. Raises
+    ``TranscriptError`` for an invalid file (before any model call) and ``RunError`` as
+    ``run_matrix`` does.
     """
     sessions = load_transcripts(path) if sessions is None else sessions
-    return judge_imported(sessions, matrix, run_dir, name=Path(path).stem, source=str(path), cache_path=cache_path,
-                          gates=gates, matrix_gates=judges is None, judges=judges, progress=progress, settings=settings,
-                          judge_samples=judge_samples, judge_temperature=judge_temperature,
-                          require_verdicts=require_verdicts)
+    return judge_imported(sessions, matrix, run_dir, name=Path(path).stem, source=str(path),
+                          matrix_gates=judges is None, judges=judges, **options)
 
 
 def judge_spans(spans: pd.DataFrame, judge_matrix: Matrix, run_dir: Path, *, name: str, source: str,
@@ -161,7 +147,9 @@ def judge_imported(
 
     ``spans``: the sessions' own spans, copied into the run (sessions from a trace store); without
     them each session is written as the spans the tracer would have recorded. ``gates``: from the
-    command line; ``matrix_gates``: also apply ``base``'s. Ctrl-C raises ``RunInterrupted``.
+    command line; ``matrix_gates``: also apply ``base``'s. ``settings``: run settings the report
+    reads, stored before judging; ``require_verdicts``: ``RunError`` when every judgement errored
+    (calibrate and selftest report that themselves). Ctrl-C raises ``RunInterrupted``.
     """
     samples = samples_for(sessions)
     spec = import_matrix(sessions, samples, name, base, source, matrix_gates, judges)

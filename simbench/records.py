@@ -161,11 +161,6 @@ class ImportedSession:
     def opening(self) -> str:
         return next((m.content for m in self.messages if m.role == "student"), "")
 
-    @property
-    def where(self) -> str:
-        """How an error names this session: its line, else its id."""
-        return f"line {self.line}" if self.line is not None else f"session {self.source_id}"
-
 
 @dataclass
 class Judgement:
