@@ -155,19 +155,26 @@ def run_scenario(name: str, sessions: int | None = None, profile: Path | None = 
     spec = dict(SCENARIOS[name])
     if sessions:
         spec["sessions"] = sessions
+    prefix: list[str] = []
+    if profile is not None:
+        profile.parent.mkdir(parents=True, exist_ok=True)
+        prefix = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "speedscope", "--rate", "200",
+                  "-o", str(profile), "--"]
+    return run_child(__file__, spec, spec["latency"], prefix)
+
+
+def run_child(script: str, spec: dict, latency: float, prefix: list[str] = ()) -> dict:
+    """Run ``script --child SPEC`` against a fresh fake server (``spec`` gains its ``base_url`` and a
+    ``tmp`` directory) and return the figures the child prints as its last JSON line."""
     port = _free_port()
-    server = subprocess.Popen([sys.executable, str(FAKE), "--port", str(port), "--latency", str(spec["latency"])],
+    server = subprocess.Popen([sys.executable, str(FAKE), "--port", str(port), "--latency", str(latency)],
                               stdout=subprocess.PIPE, text=True)
     try:
         server.stdout.readline()  # "fake openai server on ..."
         with tempfile.TemporaryDirectory() as tmp:
-            spec.update(base_url=f"http://127.0.0.1:{port}/v1", tmp=tmp)
-            command = [sys.executable, __file__, "--child", json.dumps(spec)]
-            if profile is not None:
-                profile.parent.mkdir(parents=True, exist_ok=True)
-                py_spy = Path(sys.executable).parent / "py-spy"
-                command = [str(py_spy), "record", "--format", "speedscope", "--rate", "200", "-o", str(profile), "--", *command]
-            out = subprocess.run(command, capture_output=True, text=True)
+            spec = dict(spec, base_url=f"http://127.0.0.1:{port}/v1", tmp=tmp)
+            out = subprocess.run([*prefix, sys.executable, script, "--child", json.dumps(spec)],
+                                 capture_output=True, text=True)
             if out.returncode != 0:
                 raise RuntimeError(out.stderr[-3000:])
             # The child's figures are its last JSON line (py-spy prints its own lines after it).

@@ -28,15 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine import FAKE, ROOT, CpuSampler, _cpu_s, _free_port  # noqa: E402
+from engine import ROOT, CpuSampler, _cpu_s, run_child  # noqa: E402
 
 TURN_SPAN = "tutor.turn"
 
@@ -160,21 +158,8 @@ def child(spec: dict) -> None:
 
 
 def run_scenario(name: str, args: argparse.Namespace) -> dict:
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, str(FAKE), "--port", str(port), "--latency", str(args.latency)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        server.stdout.readline()  # "fake openai server on ..."
-        with tempfile.TemporaryDirectory() as tmp:
-            spec = dict(SCENARIOS[name], sessions=args.sessions, concurrency=args.concurrency,
-                        max_turns=args.max_turns, base_url=f"http://127.0.0.1:{port}/v1", tmp=tmp)
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-            if out.returncode != 0:
-                raise RuntimeError(out.stderr[-3000:])
-            return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
-    finally:
-        server.terminate()
-        server.wait()
+    spec = dict(SCENARIOS[name], sessions=args.sessions, concurrency=args.concurrency, max_turns=args.max_turns)
+    return run_child(__file__, spec, args.latency)
 
 
 def report(name: str, r: dict, args: argparse.Namespace) -> dict:

@@ -55,6 +55,21 @@ def _start(args: list, cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def _ctrl_c(args: list, cwd: Path, moment, at_signal=lambda: None) -> tuple[int, str, object]:
+    """Run simbench with ``args``, send SIGINT once ``moment()`` holds; (exit code, stderr, what
+    ``at_signal()`` returned just before the signal)."""
+    proc = _start(args, cwd)
+    try:
+        _wait_for(moment, proc)
+        seen = at_signal()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, stderr, seen
+
+
 def _write(tmp_path: Path, matrix: dict, name: str = "matrix.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(matrix, sort_keys=False, allow_unicode=True), encoding="utf-8")
@@ -75,17 +90,10 @@ def test_item2_ctrl_c_while_judging_stops_at_once_and_says_where_to_resume(make_
     matrix = _write(tmp_path, _bigger(fake.base_url, repeats=6))  # 12 sessions x 2 judges x 3 samples = 72
     planned = 12 * 2 * 3
     # no --out: the message must name the directory the run chose
-    proc = _start(["run", matrix, "--no-cache", "-q", "--judge-samples", 3], tmp_path)
-    try:
-        _wait_for(lambda: fake.roles["judge"] >= 4, proc)
-        at_signal = fake.roles["judge"]
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    code, stderr, at_signal = _ctrl_c(["run", matrix, "--no-cache", "-q", "--judge-samples", 3], tmp_path,
+                                      lambda: fake.roles["judge"] >= 4, lambda: fake.roles["judge"])
     after = fake.roles["judge"] - at_signal
-    assert proc.returncode == 130, stderr
+    assert code == 130, stderr
     # Stopped dispatching at once: at most what was already on its way (4 workers); the old code
     # stopped one of its 4 executors per SIGINT and let the others judge on.
     assert after <= 4, f"{after} judge requests after Ctrl-C"
@@ -116,16 +124,10 @@ def test_item2_ctrl_c_in_judge_exits_130_not_aborted(make_fake, tmp_path):
     fake = make_fake(latency=0.3)
     matrix = _write(tmp_path, _bigger(fake.base_url, repeats=2))
     assert run_cli(matrix, tmp_path / "run", "--no-cache").exit_code == 0
-    proc = _start(["judge", tmp_path / "run", "--out", tmp_path / "judged", "--no-cache", "-q"], tmp_path)
-    try:
-        before = fake.roles["judge"]
-        _wait_for(lambda: fake.roles["judge"] > before, proc)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stderr
+    before = fake.roles["judge"]
+    code, stderr, _ = _ctrl_c(["judge", tmp_path / "run", "--out", tmp_path / "judged", "--no-cache", "-q"], tmp_path,
+                              lambda: fake.roles["judge"] > before)
+    assert code == 130, stderr
     assert "Aborted!" not in stderr and "interrupted" in stderr
 
 
@@ -282,15 +284,8 @@ def test_item13_calls_of_sessions_cut_off_by_ctrl_c_are_recorded(make_fake, tmp_
     fake = make_fake(latency=0.3)
     matrix = _write(tmp_path, base_matrix(fake.base_url, repeats=6, max_turns=4, concurrency=4))
     out = tmp_path / "run"
-    proc = _start(["run", matrix, "--out", out, "--no-cache", "-q"], tmp_path)
-    try:
-        _wait_for(lambda: fake.chat_calls >= 10, proc)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stderr
+    code, stderr, _ = _ctrl_c(["run", matrix, "--out", out, "--no-cache", "-q"], tmp_path, lambda: fake.chat_calls >= 10)
+    assert code == 130, stderr
     db = out / "run.sqlite"
     assert _count(db, "SELECT COUNT(*) FROM sessions WHERE status = 'running'") > 0  # cut off mid-session
     # every request the server saw is in the run's usage (a cancelled one may not have reached it)
