@@ -42,6 +42,9 @@ def _open(run_dir: Path) -> RunStore:
     return RunStore.open_run_dir(run_dir)
 
 
+IMPORTED_TUTOR = "imported sessions (not simulated)"
+
+
 def _describe(run_dir: Path, store: RunStore) -> dict[str, Any]:
     run = store.run() or {}
     matrix = json.loads(run.get("matrix_json") or "{}")
@@ -61,7 +64,7 @@ def _describe(run_dir: Path, store: RunStore) -> dict[str, Any]:
         if kind == "http":
             return f"http app at {(tutor.get('http') or {}).get('base_url')}"
         if kind == "imported":
-            return "imported sessions (not simulated)"
+            return IMPORTED_TUTOR
         return model_of("tutor")
 
     return {
@@ -122,6 +125,8 @@ def _compare(a: dict, b: dict, dims: list[str], outcomes_a: list[SampleOutcome],
         if not m["shared_samples"]:
             notes.append(f"{m['name']}: the runs share no sample (topic, persona, repeat)")
     for key, what in (("tutor_model", "tutor"), ("judge_model", "judge")):
+        if key == "tutor_model" and IMPORTED_TUTOR in (a[key], b[key]):
+            continue  # a judge-only run's sessions came from elsewhere (often the other run): no tutor to differ
         if a[key] != b[key]:
             notes.append(f"the {what} models differ ({a[key]} vs {b[key]})"
                          + (": a difference may come from the judge, not the tutor" if what == "judge" else ""))
