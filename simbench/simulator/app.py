@@ -7,7 +7,6 @@ import contextlib
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from typing import Iterator, Optional
 
 import httpx2
 
+from ..children import dies_with_parent, free_port, stop_group
 from ..matrix import PORT_PLACEHOLDER, HttpSpec
 
 APP_LOG = "tutor-app.log"
@@ -29,12 +29,6 @@ class AppError(Exception):
         self.exit_code = exit_code
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def probe_url(spec: HttpSpec, base_url: str) -> str:
     """What is asked to see the app is up: ``/models`` of an OpenAI-compatible app, else its base URL."""
     return base_url.rstrip("/") + "/models" if spec.protocol == "openai" else base_url
@@ -46,18 +40,6 @@ def _answers(url: str, headers: dict[str, str]) -> Optional[int]:
         return httpx2.get(url, headers=headers, timeout=5).status_code
     except httpx2.HTTPError:
         return None
-
-
-def _die_with_parent() -> None:
-    """In the app's process, before exec: its own process group, and SIGTERM when simbench dies
-    (even by SIGKILL), so no app outlives the run."""
-    os.setsid()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 @contextlib.contextmanager
@@ -85,7 +67,7 @@ def running_app(spec: HttpSpec, folder: Optional[Path], log_dir: Path, headers: 
         yield base_url
     finally:
         if process is not None:
-            _stop(process)
+            stop_group(process, grace_s=5)
 
 
 def _start(spec: HttpSpec, port: Optional[int], folder: Optional[Path], log_path: Path,
@@ -101,7 +83,7 @@ def _start(spec: HttpSpec, port: Optional[int], folder: Optional[Path], log_path
     log = open(log_path, "ab")
     try:
         return subprocess.Popen(argv, cwd=folder, env=environment, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                stdin=subprocess.DEVNULL, preexec_fn=dies_with_parent(signal.SIGTERM))
     except OSError as exc:
         raise AppError(f"tutor.http.start: cannot run {command!r}: {exc.strerror or exc}", 2) from None
     finally:
@@ -120,17 +102,3 @@ def _wait_until_up(spec: HttpSpec, base_url: str, process: subprocess.Popen, log
         time.sleep(0.2)
     raise AppError(f"the tutor app did not answer {url} within {spec.startup_timeout:g} s "
                    f"(tutor.http.startup_timeout); see {log_path}")
-
-
-def _stop(process: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """SIGTERM to the app's process group, SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
