@@ -412,7 +412,7 @@ def judge(run_dir, store_kind, endpoint, project, start, end, where, matrix_path
         raise click.UsageError("give one of RUN_DIR, --store (with --project, --start and --end) or --transcripts FILE")
     if gates and transcripts is None:
         raise click.UsageError("--gate applies to --transcripts only (a gate on RUN_DIR: simbench run --gate)")
-    cache_path = None if no_cache else Path(cache) if cache else default_cache_path()
+    cache_path = _cache_path(cache, no_cache)
     judge_matrix = _load(matrix_path) if matrix_path else None
     settings = dict(cache_path=cache_path, progress=not quiet, judge_samples=judge_samples,
                     judge_temperature=judge_temperature)

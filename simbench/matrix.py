@@ -11,7 +11,7 @@ import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 import jinja2
 import jinja2.sandbox
@@ -63,6 +63,13 @@ class Price(_Strict):
     output: float = Field(ge=0)
 
 
+def _http_url(value: str, example: str) -> str:
+    """``value`` if it is an http(s) URL with a host; ValueError naming ``example`` otherwise."""
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(f"base_url {value!r} must be an http:// or https:// URL (e.g. {example})")
+    return value
+
+
 class ModelSpec(_Strict):
     """A named model endpoint. ``provider: local`` is the embedded llama.cpp server."""
 
@@ -80,9 +87,7 @@ class ModelSpec(_Strict):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError(f"base_url {v!r} must be an http:// or https:// URL (e.g. https://api.openai.com/v1)")
-        return v
+        return v if v is None else _http_url(v, "https://api.openai.com/v1")
 
     @model_validator(mode="after")
     def _remote_needs_url_and_model(self) -> "ModelSpec":
@@ -93,7 +98,6 @@ class ModelSpec(_Strict):
         return self
 
 
-TUTOR_KINDS = ("prompt", "callable", "http")
 # ``{port}`` in an http tutor's base_url and start command: a free port simbench picks at run start.
 PORT_PLACEHOLDER = "{port}"
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -125,9 +129,7 @@ class HttpSpec(_Strict):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError(f"base_url {v!r} must be an http:// or https:// URL (e.g. http://127.0.0.1:8000/v1)")
-        return v
+        return _http_url(v, "http://127.0.0.1:8000/v1")
 
     @model_validator(mode="after")
     def _json_needs_body_and_reply(self) -> "HttpSpec":
@@ -144,6 +146,10 @@ class HttpSpec(_Strict):
     def env_names(self) -> list[str]:
         """The environment variables the headers read (``${NAME}``): secrets, masked everywhere."""
         return [name for value in self.headers.values() for name in _ENV_REFERENCE.findall(value)]
+
+    def headers_from(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """The headers with each ``${NAME}`` replaced by the variable's value; KeyError naming an unset one."""
+        return {name: _ENV_REFERENCE.sub(lambda m: environ[m.group(1)], value) for name, value in self.headers.items()}
 
 
 class TutorSpec(_Strict):
@@ -971,15 +977,14 @@ def _check_tutor(matrix: Matrix, at: Callable[[tuple, str], None], check_model: 
         at(("tutor", "kind"), "kind imported is what simbench records for sessions judged without simulating "
            "(simbench judge); a matrix to run needs kind prompt, callable or http")
         return
-    needs = {"callable": "callable", "http": "http"}
-    for kind, field_name in needs.items():
-        value = getattr(tutor, field_name)
+    for kind in ("callable", "http"):  # each kind's own field, named like it
+        value = getattr(tutor, kind)
         if tutor.kind == kind and value is None:
-            at(("tutor", "kind"), f"kind {kind} needs tutor.{field_name}"
+            at(("tutor", "kind"), f"kind {kind} needs tutor.{kind}"
                + (" ('module:function', importable from the matrix's folder)" if kind == "callable" else
                   " ({protocol: openai, base_url: ...} or {protocol: json, base_url, body, reply})"))
         elif tutor.kind != kind and value is not None:
-            at(("tutor", field_name), f"tutor.{field_name} is for kind {kind}; this tutor is kind {tutor.kind} "
+            at(("tutor", kind), f"tutor.{kind} is for kind {kind}; this tutor is kind {tutor.kind} "
                f"(set kind: {kind})")
     for variant in tutor.variants:
         record = tutor.variant(variant)
@@ -1126,9 +1131,7 @@ def _check_references(matrix: Matrix, lines: "_LineIndex", source: str) -> list[
     for name, custom in matrix.judges.custom.items():
         if name not in matrix.judges.use:
             at(("judges", "custom", name), f"custom judge {name!r} is defined but not in judges.use; add it there")
-        if custom.model is not None and custom.model not in matrix.models and custom.model != DEFAULT_MODEL:
-            at(("judges", "custom", name, "model"),
-               f"unknown model {custom.model!r}; declare it under models: (known: {sorted(matrix.models) or 'none'})")
+        check_model(("judges", "custom", name, "model"), custom.model)
     for dim in matrix.gates:
         if dim not in matrix.judges.use:
             at(("gates", dim), f"gate on {dim!r}, which is not a judge in judges.use {matrix.judges.use}")

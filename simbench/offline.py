@@ -32,11 +32,11 @@ from .evaluators.sessions import rebuild_sessions
 from .evaluators.transcripts import TranscriptError, load_transcripts
 from .matrix import LOCAL_MAX_CONTEXT, JudgesSpec, Matrix, Persona, Topic, TutorSpec, judge_prompt_tokens
 from .models.cache import ResponseCache
-from .pipeline import (RunError, RunInterrupted, RunOutcome, _log, _open_run, check_gate_names, embedded_server,
-                       judge_settings, judge_stored_sessions, log_back, open_remote, raise_if_nothing_done,
-                       reachable_endpoints, store_settings, stored_matrix, summarize_and_report)
+from .pipeline import (RunError, RunOutcome, _log, check_gate_names, embedded_server, judge_settings,
+                       judge_stored_sessions, log_back, open_existing_run, open_remote, raise_if_nothing_done,
+                       reachable_endpoints, store_settings, stored_matrix, summarize_and_report, writing_run)
 from .records import ImportedSession, Sample, SimulatedSession, session_id_for
-from .store import RUN_FILE, RunStore, dumps
+from .store import RunStore, dumps
 from .tracing.local import add_span_frame, spans_dataframe
 from .tracing.setup import SESSION_END_SPAN
 from .tracing.stores import SpanSelection, StoreConfig, TraceStore, TraceStoreError
@@ -51,7 +51,7 @@ UNKNOWN = "unknown"
 
 def spans_from_run(run_dir: Path) -> tuple[pd.DataFrame, Matrix]:
     """A local run's spans (its counted sessions only) and the matrix it ran."""
-    store = _open_existing(run_dir)
+    store = open_existing_run(run_dir)
     try:
         matrix = stored_matrix(store)
         counted = {s["session_id"] for s in store.latest_sessions() if s["status"] == "completed"}
@@ -157,37 +157,25 @@ def judge_imported(
     context = _judge_context(spec, sessions, source)
     cache = ResponseCache(cache_path) if cache_path else None
     try:
-        store, run_id, run_dir, hold = _open_run(spec, run_dir, False, samples)
-    except BaseException:
-        if cache is not None:
-            cache.close()
-        raise
-    started = False
-    try:
-        store_settings(store, {**judge_settings(spec, judge_samples, judge_temperature), **(settings or {})})
-        write_sessions(store, run_id, sessions, samples, source, spans)
-        with embedded_server(spec, run_dir, spec.uses_local(), context) as local_url:
-            endpoints = reachable_endpoints(spec, local_url)
-            if spec.uses_local():
-                _log("Judging with the embedded SmolLM2-135M model: it checks that the pipeline works; "
-                     "do not trust its judgements.")
-            started = True
-            asyncio.run(judge_stored_sessions(spec, store, endpoints, cache, progress, spans_dataframe(store)))
-        store.finish_run("finished")
-        if log_to is not None:
-            log_back(log_to, store, run_dir)
-        outcome = summarize_and_report(spec, store, run_dir, gates)
-        if require_verdicts:
-            raise_if_nothing_done(store, outcome)
-        return outcome
-    except KeyboardInterrupt:
-        raise RunInterrupted(run_dir if started else None) from None
+        with writing_run(spec, run_dir, samples=samples) as run:
+            store, run_dir = run.store, run.run_dir
+            store_settings(store, {**judge_settings(spec, judge_samples, judge_temperature), **(settings or {})})
+            write_sessions(store, run.run_id, sessions, samples, source, spans)
+            with embedded_server(spec, run_dir, spec.uses_local(), context) as local_url:
+                endpoints = reachable_endpoints(spec, local_url)
+                if spec.uses_local():
+                    _log("Judging with the embedded SmolLM2-135M model: it checks that the pipeline works; "
+                         "do not trust its judgements.")
+                run.started = True
+                asyncio.run(judge_stored_sessions(spec, store, endpoints, cache, progress, spans_dataframe(store)))
+            store.finish_run("finished")
+            if log_to is not None:
+                log_back(log_to, store, run_dir)
+            outcome = summarize_and_report(spec, store, run_dir, gates)
+            if require_verdicts:
+                raise_if_nothing_done(store, outcome)
+            return outcome
     finally:
-        store.close()
-        if started:
-            hold.release()
-        else:
-            hold.discard()
         if cache is not None:
             cache.close()
 
@@ -370,18 +358,12 @@ def _int(value: Any) -> Optional[int]:
         return None
 
 
-def _open_existing(run_dir: Path) -> RunStore:
-    if not (Path(run_dir) / RUN_FILE).exists():
-        raise RunError(f"{run_dir}: not a run directory ({RUN_FILE} is missing)", 2)
-    return RunStore.open_run_dir(run_dir)
-
-
 # -- push -----------------------------------------------------------------------------------------
 
 
 def push_run(run_dir: Path, config: StoreConfig) -> PushResult:
     """Log a finished run's judgements to a store (the run's file is only read)."""
-    store = _open_existing(run_dir)
+    store = open_existing_run(run_dir)
     try:
         trace_store = open_remote(config)
         try:

@@ -40,7 +40,7 @@ from .reports.summary import JUDGE_SAMPLES_SETTING, JUDGE_TEMPERATURE_SETTING, b
 from .simulator.agents import Agent
 from .simulator.app import AppError, running_app
 from .simulator.runner import pending_samples, simulate
-from .simulator.tutors import CallableTutor, HttpTutor, PromptTutor, Tutor, expand_env
+from .simulator.tutors import CallableTutor, HttpTutor, PromptTutor, Tutor
 from .store import RUN_FILE, RunStore
 from .tracing.local import local_span_processor, spans_dataframe
 from .tracing.setup import route_spans_to
@@ -120,48 +120,34 @@ def run_matrix(
     remote = None
     try:
         remote = open_remote_store(matrix)  # before the run directory and any model call
-        store, run_id, run_dir, hold = _open_run(matrix, run_dir, resume)
-    except BaseException:
+        with writing_run(matrix, run_dir, resume) as run:
+            store, run_id, run_dir = run.store, run.run_id, run.run_dir
+            if not resume:
+                store_settings(store, judge_settings(matrix, judge_samples, judge_temperature))
+            elif judge_samples is not None and judge_samples != store.setting(JUDGE_SAMPLES_SETTING, 1):
+                raise RunError(f"{run_dir}: this run asks each judge {store.setting(JUDGE_SAMPLES_SETTING, 1)} "
+                               f"time(s); resume it without --judge-samples, or start a new run", 2)
+            uses_local = matrix.uses_local()
+            with embedded_server(matrix, run_dir, uses_local) as local_url:
+                endpoints = reachable_endpoints(matrix, local_url)
+                if uses_local:
+                    _log("Using the embedded SmolLM2-135M model: it checks that the pipeline works; "
+                         "do not trust its answers or its judgements.")
+                with tutor_app(matrix, run_dir, endpoints) as app:
+                    run.started = True
+                    with _fewer_gc_passes():
+                        asyncio.run(_simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge,
+                                                        remote, retry_errors, app))
+            store.finish_run("finished")
+            if remote is not None and judge:
+                log_back(remote, store, run_dir)
+            outcome = summarize_and_report(matrix, store, run_dir, gates)
+            raise_if_nothing_done(store, outcome, judge)
+            return outcome
+    finally:
         for opened in (remote, cache):
             if opened is not None:
                 opened.close()
-        raise
-    started = resume  # a resumed run's directory is never removed
-    try:
-        if not resume:
-            store_settings(store, judge_settings(matrix, judge_samples, judge_temperature))
-        elif judge_samples is not None and judge_samples != store.setting(JUDGE_SAMPLES_SETTING, 1):
-            raise RunError(f"{run_dir}: this run asks each judge {store.setting(JUDGE_SAMPLES_SETTING, 1)} time(s); "
-                           f"resume it without --judge-samples, or start a new run", 2)
-        uses_local = matrix.uses_local()
-        with embedded_server(matrix, run_dir, uses_local) as local_url:
-            endpoints = reachable_endpoints(matrix, local_url)
-            if uses_local:
-                _log("Using the embedded SmolLM2-135M model: it checks that the pipeline works; "
-                     "do not trust its answers or its judgements.")
-            with tutor_app(matrix, run_dir, endpoints) as app:
-                started = True
-                with _fewer_gc_passes():
-                    asyncio.run(_simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge, remote,
-                                                    retry_errors, app))
-        store.finish_run("finished")
-        if remote is not None and judge:
-            log_back(remote, store, run_dir)
-        outcome = summarize_and_report(matrix, store, run_dir, gates)
-        raise_if_nothing_done(store, outcome, judge)
-        return outcome
-    except KeyboardInterrupt:
-        raise RunInterrupted(run_dir if started else None) from None
-    finally:
-        store.close()
-        if started:
-            hold.release()
-        else:
-            hold.discard()
-        if remote is not None:
-            remote.close()
-        if cache is not None:
-            cache.close()
 
 
 @contextlib.contextmanager
@@ -223,6 +209,37 @@ class RunDirHold:
         for directory in self.created_dirs:  # deepest first
             with contextlib.suppress(OSError):  # not empty: something else wrote there
                 directory.rmdir()
+
+
+@dataclass
+class WritingRun:
+    """A run this command writes: its file, id and directory, locked. ``started``: set once the
+    run's work may begin (the models are up); a run left before that is removed again."""
+
+    store: RunStore
+    run_id: str
+    run_dir: Path
+    started: bool
+
+
+@contextlib.contextmanager
+def writing_run(matrix: Matrix, run_dir: Optional[Path], resume: bool = False,
+                samples: Optional[list[Sample]] = None) -> Iterator[WritingRun]:
+    """Open (``resume``) or create a run for the block (see ``_open_run``). On the way out the file
+    is closed and the lock released; a new run that never started is removed (``RunDirHold.discard``);
+    Ctrl-C becomes ``RunInterrupted``, naming the directory to resume once the run has started."""
+    store, run_id, run_dir, hold = _open_run(matrix, run_dir, resume, samples)
+    run = WritingRun(store, run_id, run_dir, started=resume)  # a resumed run's directory is never removed
+    try:
+        yield run
+    except KeyboardInterrupt:
+        raise RunInterrupted(run.run_dir if run.started else None) from None
+    finally:
+        store.close()
+        if run.started:
+            hold.release()
+        else:
+            hold.discard()
 
 
 def _open_run(matrix: Matrix, run_dir: Optional[Path], resume: bool,
@@ -380,7 +397,7 @@ def tutor_app(matrix: Matrix, run_dir: Path, endpoints: dict[str, Endpoint]) -> 
         yield None
         return
     try:
-        headers = {name: expand_env(value, os.environ) for name, value in spec.headers.items()}
+        headers = spec.headers_from(os.environ)
     except KeyError as exc:
         raise RunError(f"tutor.http.headers: environment variable {exc.args[0]} is not set", 2) from None
     env: dict[str, str] = {}
@@ -595,11 +612,16 @@ def stored_matrix(store: RunStore) -> Matrix:
                        f"{first['msg']}); was it written by another simbench?", 2) from None
 
 
-def rebuild_report(run_dir: Path) -> RunOutcome:
-    """Regenerate summary.json and report.html from a run's SQLite file (no model calls)."""
+def open_existing_run(run_dir: Path) -> RunStore:
+    """An existing run's file, to read (no lock: readers never write); ``RunError`` 2 if there is none."""
     if not (Path(run_dir) / RUN_FILE).exists():
         raise RunError(f"{run_dir}: not a run directory ({RUN_FILE} is missing)", 2)
-    store = RunStore.open_run_dir(run_dir)
+    return RunStore.open_run_dir(run_dir)
+
+
+def rebuild_report(run_dir: Path) -> RunOutcome:
+    """Regenerate summary.json and report.html from a run's SQLite file (no model calls)."""
+    store = open_existing_run(run_dir)
     try:
         matrix = stored_matrix(store)
         return summarize_and_report(matrix, store, Path(run_dir), None)

@@ -17,7 +17,7 @@ from typing import Optional
 
 from .evaluators.builtin import BUILTIN
 from .evaluators.transcripts import load_transcripts
-from .matrix import DEFAULT_MODEL, JudgesSpec, Matrix, ModelSpec
+from .matrix import DEFAULT_MODEL, JudgesSpec, Matrix
 from .offline import judge_transcripts
 from .pipeline import RunOutcome
 from .reports.calibration import label_pairs
@@ -95,5 +95,5 @@ def run_selftest(matrix: Optional[Matrix] = None, model: Optional[str] = None, r
         store.close()
     checks = [SelftestCheck(p.source_id, described.get(p.source_id, ""), p.dimension, p.expected,
                             p.judged if p.status == "ok" else p.status, p.explanation) for p in pairs]
-    on_embedded = (matrix.model_spec(judges.model) if matrix else ModelSpec(provider="local")).provider == "local"
+    on_embedded = matrix.model_spec(judges.model).provider == "local" if matrix else True  # no matrix: the embedded model
     return SelftestResult(checks, outcome, judges.model, on_embedded)

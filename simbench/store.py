@@ -111,11 +111,6 @@ def _unusable(path: Path, exc: sqlite3.Error) -> RunFileError:
     return RunFileError(f"{path}: damaged or not a simbench run file ({exc})", 2)
 
 
-def _clean(row: tuple) -> tuple:
-    """A row with every registered secret masked in its strings (see simbench/redact.py)."""
-    return redact_row(row)
-
-
 class RunStore:
     """A run's SQLite file. Safe to share between the event loop and exporter threads."""
 
@@ -162,9 +157,9 @@ class RunStore:
             self._db.execute("BEGIN")
             try:
                 if isinstance(rows, list):
-                    self._db.executemany(sql, [_clean(r) for r in rows])
+                    self._db.executemany(sql, [redact_row(r) for r in rows])
                 else:
-                    self._db.execute(sql, _clean(rows))
+                    self._db.execute(sql, redact_row(rows))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -218,7 +213,7 @@ class RunStore:
                 self._db.execute(
                     "UPDATE sessions SET status = ?, stop_reason = ?, error = ?, turns = ?, span_id = ?, ended_at = ?"
                     " WHERE session_id = ?",
-                    _clean((session.status, session.stop_reason, session.error, session.tutor_turns, span_id,
+                    redact_row((session.status, session.stop_reason, session.error, session.tutor_turns, span_id,
                             session.ended_at, session.session_id)),
                 )
                 self._insert_calls(session.session_id, calls)
@@ -242,7 +237,7 @@ class RunStore:
     def _insert_calls(self, session_id: str, calls: list[CallRecord]) -> None:
         self._db.executemany(
             "INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [_clean((session_id, c.role, c.model, c.status, int(c.cached), c.latency_s, c.prompt_tokens,
+            [redact_row((session_id, c.role, c.model, c.status, int(c.cached), c.latency_s, c.prompt_tokens,
                      c.completion_tokens, c.error, c.attempt)) for c in calls],
         )
 
@@ -291,13 +286,13 @@ class RunStore:
             try:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [_clean((j.session_id, j.judge, j.judge_model, j.judge_sample, j.status, j.label, j.score,
+                    [redact_row((j.session_id, j.judge, j.judge_model, j.judge_sample, j.status, j.label, j.score,
                              None if j.passed is None else int(j.passed), j.explanation, j.error, now))
                      for j in judgements if j.turn is None],
                 )
                 self._db.executemany(
                     "INSERT OR REPLACE INTO turn_evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [_clean((j.session_id, j.judge, j.judge_model, j.judge_sample, j.turn, j.span_id, j.status,
+                    [redact_row((j.session_id, j.judge, j.judge_model, j.judge_sample, j.turn, j.span_id, j.status,
                              j.label, j.score, None if j.passed is None else int(j.passed), j.explanation, j.error,
                              now))
                      for j in judgements if j.turn is not None],
@@ -361,8 +356,8 @@ class RunStore:
         with self._lock:
             self._db.execute("BEGIN")
             try:
-                self._db.executemany("INSERT OR REPLACE INTO imported_sessions VALUES (?, ?, ?, ?)", map(_clean, rows))
-                self._db.executemany("INSERT OR REPLACE INTO human_labels VALUES (?, ?, ?)", map(_clean, labels))
+                self._db.executemany("INSERT OR REPLACE INTO imported_sessions VALUES (?, ?, ?, ?)", map(redact_row, rows))
+                self._db.executemany("INSERT OR REPLACE INTO human_labels VALUES (?, ?, ?)", map(redact_row, labels))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

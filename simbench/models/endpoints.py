@@ -11,7 +11,6 @@ import httpx2
 import openai
 
 from ..matrix import Matrix, ModelSpec
-from ..redact import register_secret
 from .cache import ResponseCache
 from . import embedded
 from .limits import ModelLimiter, RunCounters
@@ -60,7 +59,6 @@ def resolve_endpoint(name: str, spec: ModelSpec, local_base_url: Optional[str]) 
         if not api_key.strip():
             state = "is not set" if spec.api_key_env not in os.environ else "is set but empty"
             raise EndpointError(f"model {name!r}: environment variable {spec.api_key_env} {state} (it holds the API key)")
-        register_secret(api_key, spec.api_key_env)
     return Endpoint(name, spec.base_url, spec.model, api_key, spec.timeout, api_key_env=spec.api_key_env)
 
 

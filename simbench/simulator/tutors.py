@@ -159,6 +159,16 @@ def _usage(usage: Any) -> tuple[int, int]:
         return 0, 0
 
 
+def _reply_attempt(content: bytes, usage: Any) -> Attempt:
+    prompt_tokens, completion_tokens = _usage(usage)
+    return Attempt(200, content, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+
+
+def _cached_reply(content: bytes) -> Attempt:
+    """A reply the cache holds (``_reply_bytes``), with the tokens it recorded."""
+    return _reply_attempt(content, json.loads(content).get("usage"))
+
+
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     """Run a sync function in its own daemon thread, with this task's context (tracing, session
     attributes) copied in. A daemon thread, not a pool's: a function that hangs past its timeout
@@ -222,12 +232,9 @@ class CallableTutor(_Variants):
                 content = _reply_bytes(reply)
             except (TypeError, ValueError) as exc:  # the same function will return the same kind of thing
                 return Attempt(status=0, error=f"{self.target} {exc}"[:500], retryable=False)
-            prompt_tokens, completion_tokens = _usage(reply.usage)
-            return Attempt(200, content, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+            return _reply_attempt(content, reply.usage)
 
-        result = await guarded_call(self.name, self.limiter, self.cache, key, 0, attempt_once,
-                                    lambda content: Attempt(200, content, prompt_tokens=_usage(json.loads(content).get("usage"))[0],
-                                                            completion_tokens=_usage(json.loads(content).get("usage"))[1]))
+        result = await guarded_call(self.name, self.limiter, self.cache, key, 0, attempt_once, _cached_reply)
         if result.error is not None:
             raise TutorError(result.error)
         return _answer_from_bytes(result.content)
@@ -245,13 +252,6 @@ class CallableTutor(_Variants):
 
 
 # -- http -----------------------------------------------------------------------------------
-
-
-def expand_env(value: str, environ: dict[str, str]) -> str:
-    """``${NAME}`` in a header value -> the variable's value (the matrix names it, never holds it)."""
-    import re
-
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: environ[m.group(1)], value)
 
 
 class HttpTutor(_Variants):
