@@ -21,13 +21,14 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from simbench.children import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = ROOT / "tests" / "fake_openai.py"
@@ -40,12 +41,6 @@ SCENARIOS = {
     "cached": dict(sessions=1000, concurrency=64, latency=0.05, judges=True, rerun=True),
     "rss10k": dict(sessions=10000, concurrency=256, latency=0.2, judges=False),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _matrix(base_url: str, sessions: int, concurrency: int) -> str:
@@ -166,7 +161,7 @@ def run_scenario(name: str, sessions: int | None = None, profile: Path | None = 
 def run_child(script: str, spec: dict, latency: float, prefix: list[str] = ()) -> dict:
     """Run ``script --child SPEC`` against a fresh fake server (``spec`` gains its ``base_url`` and a
     ``tmp`` directory) and return the figures the child prints as its last JSON line."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, str(FAKE), "--port", str(port), "--latency", str(latency)],
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -11,7 +11,6 @@ Phoenix, ``phoenix.client`` out, session annotations back.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from datetime import datetime, timedelta, timezone
@@ -22,15 +21,10 @@ import pytest
 from conftest import base_matrix, invoke, run_cli
 from fake_openai import judge_name
 
+from simbench.children import free_port
 from simbench.tracing.phoenix import PhoenixStore
 
 READY_TIMEOUT_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +39,7 @@ def phoenix_server(tmp_path_factory):
             pytest.fail(message)
         pytest.skip(message)
     workdir = tmp_path_factory.mktemp("phoenix")
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PHOENIX_", "OTEL_")) and k != "PYTHONPATH"}
     env.update(PHOENIX_WORKING_DIR=str(workdir), PHOENIX_HOST="127.0.0.1", PHOENIX_PORT=str(port),
                PHOENIX_GRPC_PORT=str(grpc_port), PHOENIX_TELEMETRY_ENABLED="false")

@@ -372,6 +372,7 @@ def test_heatmap_cell_drills_down_to_a_transcript(browser, fixture_run, open_pag
     persona = page.locator("#heatmaps table.heatmap >> nth=0").locator("td.name").first.inner_text()
     cell.click()
     drill = page.locator("details.drill[open]")
+    drill.first.wait_for(state="attached")  # the report opens it on hashchange, which fires after the click
     assert drill.count() == 1 and persona in drill.locator("summary").inner_text()
     link = drill.locator("ul.drill-list a").first
     anchor = link.get_attribute("href")[1:]
@@ -482,6 +483,7 @@ def test_large_run_links_jump_to_sessions_on_other_pages(browser, large_run, ope
     # A heatmap cell -> its drill list -> the last session it lists.
     page.click("#heatmaps table.heatmap >> nth=1 >> td.heat a >> nth=2")
     drill = page.locator("details.drill[open]")
+    drill.first.wait_for(state="attached")  # opened on hashchange, after the click
     assert drill.count() == 1
     links = drill.locator("ul.drill-list a")
     assert links.count() == 20  # a large report lists 20 per cell and links to the filtered list for the rest
@@ -528,6 +530,7 @@ def test_unstable_judgements_are_marked_and_listed(browser, sampled_run, open_pa
     coherence_row = page.locator("#judge-consistency tr", has_text="coherence")
     assert coherence_row.locator("td").nth(4).inner_text() == "1"  # the unstable column: session a
     page.click("#judge-consistency a[href*='unstable']")
+    page.wait_for_function("() => document.querySelector('#filters select[name=label]').value === '@unstable'")
     shown = visible_sessions(p)
     assert [s["messages"][1] for s in shown] == ["<<a>> Use sixths."]
     assert "coherence:@unstable" in shown[0]["labels"]
