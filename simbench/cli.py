@@ -104,7 +104,12 @@ def cli() -> None:
     """Simulate whole conversations between your assistant and LLM-played users, judge every
     session, and report where the assistant fails and whether a prompt variant really helps.
 
-    Start with:  simbench install-model && simbench run examples/tutor.yaml
+    Start with, on the embedded model (from a checkout: pip install '.[local]', and
+    examples/tutor.yaml for matrix.yaml):
+
+    \b
+        pip install 'simbench[local]' && simbench install-model
+        simbench init && simbench run matrix.yaml
     """
 
 
@@ -134,6 +139,8 @@ def run(matrix: str, out: Optional[str], resume: bool, retry_errors: bool, gates
     from .pipeline import RunError, run_matrix
     from .reports.junit import write_junit
 
+    if retry_errors and not resume:
+        raise click.UsageError("--retry-errors retries the errors of an earlier run: give it with --resume --out RUN_DIR")
     spec = _load(matrix)
     gate_map = _parse_gates(gates)
     cache_path = None if no_cache else Path(cache) if cache else default_cache_path()

@@ -995,6 +995,11 @@ def _check_tutor(matrix: Matrix, at: Callable[[tuple, str], None], check_model: 
                 at(loc, "a prompt tutor's variant needs a prompt (a string, or {prompt: ...})")
             if record.settings:
                 at(loc + ("settings",), "settings are handed to callable and http tutors; a prompt tutor has none")
+        spec = tutor.variants[variant]
+        if tutor.kind == "http" and isinstance(spec, VariantSpec) and spec.model is not None:
+            # The app is started once, with tutor.model's endpoint (SIMBENCH_MODEL_*), and reaches its models itself.
+            at(loc + ("model",), "an http tutor's app calls its own models; hand it a variant's model in "
+               "settings (e.g. settings: {model: ...}, which protocol openai sends as the request's model)")
         if record.prompt is None:
             continue
         for topic in matrix.topics:

@@ -38,7 +38,7 @@ from .reports.gates import check_gates, gate_failures  # noqa: F401  (gate_failu
 from .reports.html import write_report
 from .reports.summary import JUDGE_SAMPLES_SETTING, JUDGE_TEMPERATURE_SETTING, build_summary, write_summary
 from .simulator.agents import Agent
-from .simulator.app import AppError, running_app
+from .simulator.app import APP_LOG, AppError, running_app
 from .simulator.runner import pending_samples, simulate
 from .simulator.tutors import CallableTutor, HttpTutor, PromptTutor, Tutor
 from .store import RUN_FILE, RunStore
@@ -171,6 +171,8 @@ def _fewer_gc_passes(young_threshold: int = 10_000) -> Iterator[None]:
 
 
 LOCK_FILE = "run.lock"
+# The embedded server's and an http tutor's app's logs: a start that fails names them, so they stay.
+START_LOGS = (EMBEDDED_LOG, APP_LOG)
 
 
 class RunDirHold:
@@ -200,8 +202,9 @@ class RunDirHold:
             self._handle.close()
 
     def discard(self) -> None:
-        """Remove the files and directories this command created (nothing that was there before)."""
-        for name in sorted(set(os.listdir(self.run_dir)) - self.existing):
+        """Remove the files and directories this command created (nothing that was there before),
+        but the logs a failed start's error points to (``START_LOGS``)."""
+        for name in sorted(set(os.listdir(self.run_dir)) - self.existing - set(START_LOGS)):
             path = self.run_dir / name
             if path.is_file() or path.is_symlink():
                 path.unlink()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
+import yaml
 
 from simbench.evaluators.builtin import BUILTIN
 from simbench.evaluators.judges import JudgeInput, judge_sessions
@@ -92,7 +95,46 @@ def test_tiny_matrix_runs_on_the_embedded_model(tmp_path: Path) -> None:
         assert overall["judged"] == 1, (name, overall)
     html = (out / "report.html").read_text()
     assert "SmolLM2" in html and "adding fractions" in html
+    assert "llama" in (out / embedded.EMBEDDED_LOG).read_text().lower()  # the server's own log, in the run directory
     assert _wait_for(lambda: not (_server_pids() - before), 10), "the embedded server left running after the run"
+
+
+def test_no_server_survives_an_exception_in_simbench(tmp_path: Path) -> None:
+    before = _server_pids()
+    with pytest.raises(RuntimeError, match="the run broke"):
+        with embedded.EmbeddedServer("local", 1024, log_path=tmp_path / embedded.EMBEDDED_LOG) as server:
+            assert httpx2.get(server.base_url + "/models", timeout=10).status_code == 200
+            assert _server_pids() - before
+            raise RuntimeError("the run broke")
+    assert _wait_for(lambda: not (_server_pids() - before), 15), "the embedded server left running after an exception"
+
+
+def test_the_own_tutor_example_runs_on_the_embedded_model(tmp_path: Path) -> None:
+    """examples/own_tutor as the README runs it (its http kind: server.py around tutor.py, started by
+    simbench), one persona instead of two to keep it short."""
+    folder = tmp_path / "own_tutor"
+    shutil.copytree(ROOT / "examples" / "own_tutor", folder, ignore=shutil.ignore_patterns("__pycache__", "runs"))
+    matrix = yaml.safe_load((folder / "http.yaml").read_text())
+    matrix["personas"] = matrix["personas"][:1]
+    (folder / "http.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
+    out = tmp_path / "run"
+    result = subprocess.run(SIMBENCH + ["run", str(folder / "http.yaml"), "--out", str(out), "--no-cache", "-q"],
+                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sessions"]["completed"] == 4 and summary["sessions"]["errored"] == 0
+    assert all(summary["dimensions"][d]["overall"]["judged"] == 4 for d in matrix["judges"]["use"])
+    with sqlite3.connect(out / "run.sqlite") as db:
+        tools = {name for (name,) in db.execute("SELECT name FROM spans WHERE span_kind = 'TOOL'")}
+        turns = db.execute("SELECT COUNT(*) FROM spans WHERE name = 'tutor.turn'").fetchone()[0]
+    assert "search_notes" in tools and turns == sum(s["turns"] for s in _sessions(out))
+    assert "search_notes" in (out / "report.html").read_text()
+
+
+def _sessions(run_dir: Path) -> list[dict]:
+    with sqlite3.connect(run_dir / "run.sqlite") as db:
+        db.row_factory = sqlite3.Row
+        return [dict(r) for r in db.execute("SELECT * FROM sessions")]
 
 
 def test_no_server_survives_sigkill_of_simbench(tmp_path: Path) -> None:

@@ -170,6 +170,21 @@ def test_item5_a_template_that_reaches_for_os_is_a_validation_error(fake, write_
     assert fake.chat_calls == 0
 
 
+def test_item5_an_http_body_template_that_reaches_for_os_is_a_validation_error(fake, write_matrix, tmp_path):
+    marker = tmp_path / "pwned"
+    m = base_matrix(fake.base_url)
+    m["tutor"] = {"kind": "http", "variants": {"a": {"settings": {}}},
+                  "http": {"protocol": "json", "base_url": "http://127.0.0.1:9/", "reply": "$.answer",
+                           "body": '{"q": "{{ cycler.__init__.__globals__.os.popen(\'touch ' + str(marker)
+                                   + '\').read() }}"}'}}
+    text = dump(m)
+    result = invoke("run", write_matrix(text), "--out", tmp_path / "run", "-q", "--no-cache")
+    assert not marker.exists(), "the body template ran a shell command"
+    assert result.exit_code == 2, result.output
+    assert "tutor.http.body" in result.output and "sandbox" in result.output
+    assert fake.chat_calls == 0 and not (tmp_path / "run").exists()
+
+
 def test_item5_render_user_template_is_sandboxed():
     import jinja2
 

@@ -177,6 +177,9 @@ def test_item4_retry_errors_gives_errored_sessions_a_new_attempt(make_fake, tmp_
     calls = fake.chat_calls
     again = run_cli(matrix, out, "--no-cache", "--resume")
     assert again.exit_code == 3 and fake.chat_calls == calls  # a plain resume keeps the errors
+    alone = run_cli(matrix, tmp_path / "new", "--no-cache", "--retry-errors")  # a new run has no errors to retry
+    assert alone.exit_code == 2 and "give it with --resume" in alone.output
+    assert fake.chat_calls == calls and not (tmp_path / "new").exists()
 
     result = run_cli(matrix, out, "--no-cache", "--resume", "--retry-errors")
     assert result.exit_code == 0, result.output
@@ -274,6 +277,23 @@ def test_item10_a_failed_start_removes_the_run_directory_it_created(make_fake, t
     assert result.exit_code == 3, result.output
     assert "unreachable" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_item10_a_failed_start_keeps_the_log_its_error_names(make_fake, tmp_path):
+    fake = make_fake()
+    matrix = base_matrix(fake.base_url)
+    crash = "import sys; print('no course notes found'); sys.exit(4)"
+    matrix["tutor"] = {"kind": "http", "variants": {"a": {"settings": {}}},
+                       "http": {"base_url": "http://127.0.0.1:{port}/v1", "start": f'python -c "{crash}"'}}
+    path = _write(tmp_path, matrix, "crashing-app.yaml")
+    out = tmp_path / "runs" / "app"
+    for _ in range(2):  # the same command again: the same answer, not "already holds a run"
+        result = run_cli(path, out)
+        assert result.exit_code == 3, result.output
+        assert f"exited with code 4 while starting; see {out / 'tutor-app.log'}" in result.output
+        assert sorted(p.name for p in out.iterdir()) == ["tutor-app.log"]  # the run file and lock are gone
+        assert "no course notes found" in (out / "tutor-app.log").read_text()
+    assert fake.chat_calls == 0
 
 
 # -- item 13: the usage of interrupted work; judgement samples on resume ---------------------------

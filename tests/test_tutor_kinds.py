@@ -128,18 +128,28 @@ def test_async_callable_returning_text_and_the_cache_of_its_answers(fake, write_
     second = run_cli(matrix, tmp_path / "two", "--cache", cache)
     assert second.exit_code == 0, second.output
     assert (tmp_path / "calls.txt").read_text() == "x" * 4
+    # A variant's settings, then another's temperature, changed: that variant's turns are asked
+    # again (2 each), the other's still come from the cache.
+    changed = _callable_matrix(fake, f"{name}:reply")
+    changed["tutor"]["variants"]["plain"]["settings"] = {"top_k": 1}
+    assert run_cli(write_matrix(changed, "settings.yaml"), tmp_path / "settings", "--cache", cache).exit_code == 0
+    assert (tmp_path / "calls.txt").read_text() == "x" * 6
+    changed["tutor"]["variants"]["notes"]["temperature"] = 0.9
+    assert run_cli(write_matrix(changed, "temperature.yaml"), tmp_path / "temperature", "--cache", cache).exit_code == 0
+    assert (tmp_path / "calls.txt").read_text() == "x" * 8
     # ``cache: false`` for a tutor that is not deterministic: called again, nothing more cached for it.
     entries = cache_entries(cache)
     uncached = write_matrix(_callable_matrix(fake, f"{name}:reply", cache=False), "uncached.yaml")
     third = run_cli(uncached, tmp_path / "three", "--cache", cache)
     assert third.exit_code == 0, third.output
-    assert (tmp_path / "calls.txt").read_text() == "x" * 8
+    assert (tmp_path / "calls.txt").read_text() == "x" * 12
     assert cache_entries(cache) == entries
 
 
 @pytest.mark.parametrize("body, reason, calls", [
     ("raise ValueError('the notes index is gone')", "raised ValueError: the notes index is gone", 3),
     ("time.sleep(3)", "did not return within 0.3 s", 3),
+    ("raise SystemExit(0)", "raised SystemExit: 0", 3),  # the user's sys.exit() ends a turn, not the run
     ("return 42", "returned int", 1),  # a wrong type is not retried: the function would return it again
     ("return {'answer': 'x'}", "a dict without a 'text' string", 1),
 ])
@@ -170,6 +180,23 @@ def test_a_failing_callable_errors_its_sessions_with_the_reason(fake, write_matr
     assert fake.roles["judge"] == 0  # an errored session is not judged
 
 
+def test_an_async_callable_that_calls_sys_exit_errors_its_session_not_the_run(fake, write_matrix, tmp_path, open_run):
+    name = _module(tmp_path, """
+        import sys
+
+        async def reply(messages, context):
+            sys.exit(0)
+    """)
+    matrix = _callable_matrix(fake, f"{name}:reply", max_retries=0)
+    matrix["tutor"]["variants"] = {"notes": {"settings": {"top_k": 2}}}
+    out = tmp_path / "run"
+    result = run_cli(write_matrix(matrix), out)
+    assert result.exit_code == 3, result.output
+    (session,) = open_run(out).sessions()
+    assert session["status"] == "errored" and "raised SystemExit: 0" in session["error"]
+    assert (out / "report.html").exists()
+
+
 def test_a_callable_that_cannot_be_imported_fails_validation(fake, write_matrix, tmp_path):
     path = write_matrix(_callable_matrix(fake, "no_such_module_here:reply"))
     result = run_cli(path, tmp_path / "run")
@@ -181,6 +208,17 @@ def test_a_callable_that_cannot_be_imported_fails_validation(fake, write_matrix,
     name = _module(tmp_path, "reply = 3\n")
     result = run_cli(write_matrix(_callable_matrix(fake, f"{name}:reply"), "m2.yaml"), tmp_path / "run")
     assert result.exit_code == 2 and "is a int, not a function" in result.output
+
+
+def test_an_http_tutor_without_base_url_fails_validation_with_its_line(fake, write_matrix, tmp_path):
+    matrix = base_matrix(fake.base_url)
+    matrix["tutor"] = {"kind": "http", "http": {"protocol": "openai", "model": "my-app"}, "variants": {"a": {}}}
+    path = write_matrix(matrix)
+    result = run_cli(path, tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.strip() == "http:")
+    assert f"{path}:{line}: tutor.http.base_url: required field is missing" in result.output
+    assert fake.chat_calls == 0 and not (tmp_path / "run").exists()
 
 
 def test_kind_and_its_fields_must_agree(fake, tmp_path):
@@ -207,6 +245,8 @@ def test_kind_and_its_fields_must_agree(fake, tmp_path):
     assert "must start with $" in problems(
         {"kind": "http", "http": {"base_url": "http://127.0.0.1:9/v1", "reply": "answer"}, "variants": {"a": {}}})
     assert "unknown model 'nope'" in problems({"model": "fake", "variants": {"a": {"prompt": "x", "model": "nope"}}})
+    assert "tutor.variants.a.model: an http tutor's app calls its own models" in problems(
+        {"kind": "http", "http": {"base_url": "http://127.0.0.1:9/v1"}, "variants": {"a": {"model": "fake"}}})
 
 
 # -- http ---------------------------------------------------------------------------------------
@@ -270,6 +310,9 @@ def test_http_json_app_end_to_end_started_traced_and_stopped(fake, write_matrix,
         assert turn["attributes"]["output.value"].startswith("[")
     tools = [s for s in run.spans() if s["span_kind"] == "TOOL"]
     assert len(tools) == 4 and all(t["attributes"]["tool.name"] == "lookup" for t in tools)
+    # The app's usage, as it reported it, is accounted like a model call's.
+    calls = run.rows("SELECT * FROM calls WHERE role = 'tutor'")
+    assert len(calls) == 4 and all((c["prompt_tokens"], c["completion_tokens"]) == (7, 5) for c in calls)
     # The key the headers carry is a secret: nowhere in what the run stored.
     for path in out.rglob("*"):
         if path.is_file():
@@ -296,6 +339,60 @@ def test_a_failing_http_app_errors_its_sessions_after_retries(fake, write_matrix
     _, requests = _app_log(log)
     assert len(requests) == 2  # the first try and max_retries: 1
     assert len(run.rows("SELECT * FROM calls WHERE role = 'tutor'")) == 2
+
+
+def test_a_header_secret_echoed_in_an_app_error_is_masked_everywhere(fake, write_matrix, tmp_path, open_run, monkeypatch):
+    secret = "sk-app-secret-9f8e7d6c5b4a"
+    monkeypatch.setenv("TUTOR_APP_KEY", secret)
+    matrix = _json_app_matrix(fake, tmp_path / "app.jsonl", "echo")
+    matrix["tutor"]["variants"] = {"warm": {"settings": {"style": "warm"}}}
+    out = tmp_path / "run"
+    result = run_cli(write_matrix(matrix), out)
+    assert result.exit_code == 3, result.output
+    (session,) = open_run(out).sessions()
+    assert "answered HTTP 500" in session["error"] and "Bearer [redacted $TUTOR_APP_KEY]" in session["error"]
+    assert secret not in result.output
+    for path in out.rglob("*"):
+        if path.is_file() and path.name != "tutor-app.log":  # the app's own output is the app's
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_http_app_answers_are_cached_unless_the_tutor_says_not(fake, write_matrix, tmp_path, open_run, monkeypatch):
+    monkeypatch.setenv("TUTOR_APP_KEY", "k")
+    log = tmp_path / "app.jsonl"
+    matrix = _json_app_matrix(fake, log)
+    cache = tmp_path / "cache.sqlite"
+
+    def posts_after(run_name: str, tutor_matrix: dict) -> int:
+        result = run_cli(write_matrix(tutor_matrix, f"{run_name}.yaml"), tmp_path / run_name, "--cache", cache)
+        assert result.exit_code == 0, result.output
+        return sum("body" in json.loads(line) for line in log.read_text().splitlines())
+
+    assert posts_after("one", matrix) == 4
+    # Again: the same conversations, each answer from the cache (the session id and the trace
+    # headers differ every run and are not part of the key); the app is started but not asked.
+    assert posts_after("two", matrix) == 4
+    calls = open_run(tmp_path / "two").rows("SELECT * FROM calls WHERE role = 'tutor'")
+    assert len(calls) == 4 and all(c["cached"] == 1 for c in calls)
+    assert posts_after("three", {**matrix, "tutor": {**matrix["tutor"], "cache": False}}) == 8
+
+
+@pytest.mark.parametrize("fault, code, message", [
+    (None, 3, "is unreachable (is it running?"),
+    ("401", 2, "refused the request (HTTP 401): check tutor.http.headers"),
+])
+def test_an_http_app_that_is_down_or_refuses_the_key_stops_the_run_before_any_session(
+        fake, write_matrix, tmp_path, monkeypatch, fault, code, message):
+    monkeypatch.setenv("TUTOR_APP_KEY", "k")
+    log = tmp_path / "app.jsonl"
+    matrix = _json_app_matrix(fake, log, fault or "")
+    if fault is None:  # nothing starts it and nothing listens there
+        del matrix["tutor"]["http"]["start"]
+        matrix["tutor"]["http"]["base_url"] = "http://127.0.0.1:9/"
+    result = run_cli(write_matrix(matrix), tmp_path / "run")
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert fake.chat_calls == 0 and not (tmp_path / "run" / "run.sqlite").exists()
 
 
 def test_http_header_variable_unset_is_an_input_error_before_any_call(fake, write_matrix, tmp_path, monkeypatch):
@@ -353,6 +450,12 @@ def test_variants_that_change_model_and_temperature(make_fake, write_matrix, tmp
     assert seen == {("fake-model", 0.0, 64), ("fake-model", 1.2, 40), ("other-model", 0.7, 64)}
     # Same prompt, different settings: never one cached answer for both (every tutor call reached the model).
     assert len(fake.requests_of("tutor")) == 3 * 2 * 2
+    # One variant's temperature changed, on the same cache: only its 4 turns reach the model again.
+    matrix["tutor"]["variants"]["direct"]["temperature"] = 0.9
+    again = run_cli(write_matrix(matrix, "warmer.yaml"), tmp_path / "warmer", "--cache", cache)
+    assert again.exit_code == 0, again.output
+    fresh = fake.requests_of("tutor")[3 * 2 * 2:]
+    assert len(fresh) == 4 and {(r["model"], r["temperature"], r["max_tokens"]) for r in fresh} == {("fake-model", 0.9, 40)}
     assert len(variant_of) == 6
     # The comparison pairs variants by (topic, persona, repeat), as for prompt variants.
     comparisons = run.summary()["comparisons"]

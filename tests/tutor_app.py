@@ -3,7 +3,8 @@
 POST / with {"question": ...} answers {"answer": ..., "tools": [...]}; GET / answers 200. Every
 POST's headers and body go to ``--log`` (one JSON line each), and the process writes its pid
 there first, so a test can check it was stopped. ``--fault``: ``500``, ``malformed`` (not JSON) or
-``nomatch`` (JSON without "answer") for every POST.
+``nomatch`` (JSON without "answer") or ``echo`` (a 500 whose body repeats the Authorization header,
+as a careless proxy does) for every POST; ``401`` (the key refused) for every request.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> None:
             self.wfile.write(body)
 
         def do_GET(self) -> None:
+            if args.fault == "401":
+                return self._send(401, b'{"error": "bad key"}')
             self._send(200, b'{"ok": true}')
 
         def do_POST(self) -> None:
@@ -46,6 +49,8 @@ def main() -> None:
             log({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
             if args.fault == "500":
                 return self._send(500, b'{"error": "down"}')
+            if args.fault == "echo":
+                return self._send(500, json.dumps({"error": f"bad request with {self.headers.get('authorization')}"}).encode())
             if args.fault == "malformed":
                 return self._send(200, b"<html>not json")
             if args.fault == "nomatch":

@@ -200,6 +200,15 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await future
 
 
+class _Exited(Exception):
+    """A ``SystemExit`` (or another ``BaseException`` but Ctrl-C) from the user's function, carried
+    as an ``Exception`` so that it fails the turn: raised as itself, asyncio would stop the run."""
+
+    def __init__(self, original: BaseException):
+        super().__init__(str(original))
+        self.original = original
+
+
 class CallableTutor(_Variants):
     """The user's function, called once per turn with the conversation and a TurnContext."""
 
@@ -226,7 +235,8 @@ class CallableTutor(_Variants):
             except asyncio.TimeoutError:
                 return Attempt(status=0, error=f"{self.target} did not return within {self.timeout:g} s (tutor.timeout)")
             except Exception as exc:
-                return Attempt(status=0, error=f"{self.target} raised {type(exc).__name__}: {exc}"[:500])
+                raised = exc.original if isinstance(exc, _Exited) else exc
+                return Attempt(status=0, error=f"{self.target} raised {type(raised).__name__}: {raised}"[:500])
             try:
                 reply = _as_reply(value)
                 content = _reply_bytes(reply)
@@ -240,12 +250,17 @@ class CallableTutor(_Variants):
         return _answer_from_bytes(result.content)
 
     async def _invoke(self, messages: list[dict], context: TurnContext) -> Any:
-        if self.is_async:
-            return await self.function(messages, context)
-        value = await _in_thread(self.function, messages, context)
-        if inspect.isawaitable(value):  # a sync wrapper that returned a coroutine
-            value = await value
-        return value
+        try:
+            if self.is_async:
+                return await self.function(messages, context)
+            value = await _in_thread(self.function, messages, context)
+            if inspect.isawaitable(value):  # a sync wrapper that returned a coroutine
+                value = await value
+            return value
+        except (Exception, KeyboardInterrupt, asyncio.CancelledError):
+            raise
+        except BaseException as exc:  # sys.exit() in the user's code: asyncio would end the whole run with it
+            raise _Exited(exc) from None
 
     async def aclose(self) -> None:
         pass
