@@ -197,6 +197,34 @@ def test_an_async_callable_that_calls_sys_exit_errors_its_session_not_the_run(fa
     assert (out / "report.html").exists()
 
 
+PEAK_TUTOR = """
+    import asyncio, os
+
+    running = peak = 0
+
+    async def reply(messages, context):
+        global running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+        with open(os.environ["PEAK_LOG"], "w") as f:
+            f.write(str(peak))
+        return "ok"
+"""
+
+
+@pytest.mark.parametrize("tutor_concurrency, peak", [(None, 4), (1, 1)])
+def test_tutor_concurrency_caps_the_turns_in_flight(fake, write_matrix, tmp_path, monkeypatch, tutor_concurrency, peak):
+    monkeypatch.setenv("PEAK_LOG", str(tmp_path / "peak.txt"))
+    name = _module(tmp_path, PEAK_TUTOR)
+    matrix = _callable_matrix(fake, f"{name}:reply", **({"concurrency": tutor_concurrency} if tutor_concurrency else {}))
+    matrix.update(concurrency=4, repeats=2, topics=["adding_fractions", "photosynthesis"])  # 8 sessions, 4 at once
+    result = run_cli(write_matrix(matrix), tmp_path / "run", "--no-cache")
+    assert result.exit_code == 0, result.output
+    assert int((tmp_path / "peak.txt").read_text()) == peak
+
+
 def test_a_callable_that_cannot_be_imported_fails_validation(fake, write_matrix, tmp_path):
     path = write_matrix(_callable_matrix(fake, "no_such_module_here:reply"))
     result = run_cli(path, tmp_path / "run")
@@ -323,12 +351,13 @@ def test_http_json_app_end_to_end_started_traced_and_stopped(fake, write_matrix,
     ("500", "answered HTTP 500"),
     ("malformed", "the app's answer is not JSON"),
     ("nomatch", "the reply selector $.answer matched nothing"),
+    ("slow", "did not answer within 0.5 s (tutor.timeout)"),
 ])
 def test_a_failing_http_app_errors_its_sessions_after_retries(fake, write_matrix, tmp_path, open_run, monkeypatch,
                                                               fault, reason):
     monkeypatch.setenv("TUTOR_APP_KEY", "k")
     log = tmp_path / "app.jsonl"
-    matrix = _json_app_matrix(fake, log, fault)
+    matrix = _json_app_matrix(fake, log, fault, timeout=0.5)
     matrix["tutor"]["variants"] = {"warm": {"settings": {"style": "warm"}}}
     out = tmp_path / "run"
     result = run_cli(write_matrix(matrix), out)

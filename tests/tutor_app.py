@@ -4,7 +4,8 @@ POST / with {"question": ...} answers {"answer": ..., "tools": [...]}; GET / ans
 POST's headers and body go to ``--log`` (one JSON line each), and the process writes its pid
 there first, so a test can check it was stopped. ``--fault``: ``500``, ``malformed`` (not JSON) or
 ``nomatch`` (JSON without "answer") or ``echo`` (a 500 whose body repeats the Authorization header,
-as a careless proxy does) for every POST; ``401`` (the key refused) for every request.
+as a careless proxy does) or ``slow`` (answers after 3 s) for every POST; ``401`` (the key refused)
+for every request.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -49,6 +51,8 @@ def main() -> None:
             log({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
             if args.fault == "500":
                 return self._send(500, b'{"error": "down"}')
+            if args.fault == "slow":
+                time.sleep(3)
             if args.fault == "echo":
                 return self._send(500, json.dumps({"error": f"bad request with {self.headers.get('authorization')}"}).encode())
             if args.fault == "malformed":

@@ -285,6 +285,7 @@ class HttpTutor(_Variants):
         limiter = limiters[self.name]
         transport = ModelTransport(self.name, ShardedTransport(limiter.limit.maximum), cache if tutor.cache else None,
                                    limiter, usage_of=self._usage_of)
+        self.timeout = tutor.timeout
         self.client = httpx2.AsyncClient(transport=transport, timeout=tutor.timeout)
 
     def _usage_of(self, content: bytes) -> tuple[int, int]:
@@ -322,6 +323,8 @@ class HttpTutor(_Variants):
         try:
             response = await self.client.post(self.url, content=json.dumps(body).encode(), headers=headers,
                                               extensions={CACHE_MATERIAL: _cache_material(context, messages)})
+        except httpx2.TimeoutException:
+            raise TutorError(f"the app at {self.url} did not answer within {self.timeout:g} s (tutor.timeout)") from None
         except httpx2.HTTPError as exc:
             raise TutorError(f"the app at {self.url} did not answer: {type(exc).__name__}: {exc}") from None
         if response.status_code != 200:
