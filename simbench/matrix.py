@@ -986,16 +986,15 @@ def _check_tutor(matrix: Matrix, at: Callable[[tuple, str], None], check_model: 
         elif tutor.kind != kind and value is not None:
             at(("tutor", kind), f"tutor.{kind} is for kind {kind}; this tutor is kind {tutor.kind} "
                f"(set kind: {kind})")
-    for variant in tutor.variants:
+    for variant, spec in tutor.variants.items():
         record = tutor.variant(variant)
         loc = ("tutor", "variants", variant)
-        check_model(loc + ("model",) if isinstance(tutor.variants[variant], VariantSpec) else loc, record.model)
+        check_model(loc + ("model",) if isinstance(spec, VariantSpec) else loc, record.model)
         if tutor.kind == "prompt":
             if record.prompt is None:
                 at(loc, "a prompt tutor's variant needs a prompt (a string, or {prompt: ...})")
             if record.settings:
                 at(loc + ("settings",), "settings are handed to callable and http tutors; a prompt tutor has none")
-        spec = tutor.variants[variant]
         if tutor.kind == "http" and isinstance(spec, VariantSpec) and spec.model is not None:
             # The app is started once, with tutor.model's endpoint (SIMBENCH_MODEL_*), and reaches its models itself.
             at(loc + ("model",), "an http tutor's app calls its own models; hand it a variant's model in "

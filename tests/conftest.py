@@ -130,6 +130,23 @@ def _isolated(tmp_path, monkeypatch):
 # -- matrices -------------------------------------------------------------------------------------
 
 
+OWN_TUTOR = Path(__file__).resolve().parent.parent / "examples" / "own_tutor"
+
+
+def copy_own_tutor(tmp_path: Path, matrix_name: str, edit: Callable[[dict], None]) -> Path:
+    """examples/own_tutor copied to ``tmp_path``, its matrix ``matrix_name`` changed by ``edit``;
+    the path of that matrix."""
+    import shutil
+
+    folder = tmp_path / "own_tutor"
+    shutil.copytree(OWN_TUTOR, folder, ignore=shutil.ignore_patterns("__pycache__", "runs"))
+    path = folder / matrix_name
+    matrix = yaml.safe_load(path.read_text())
+    edit(matrix)
+    path.write_text(yaml.safe_dump(matrix, sort_keys=False))
+    return path
+
+
 def base_matrix(base_url: str, **overrides: Any) -> dict:
     """A tiny valid matrix whose every role uses the fake server at ``base_url``."""
     matrix: dict[str, Any] = {

@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
-import yaml
+from conftest import copy_own_tutor
 
 from simbench.evaluators.builtin import BUILTIN
 from simbench.evaluators.judges import JudgeInput, judge_sessions
@@ -109,32 +107,23 @@ def test_no_server_survives_an_exception_in_simbench(tmp_path: Path) -> None:
     assert _wait_for(lambda: not (_server_pids() - before), 15), "the embedded server left running after an exception"
 
 
-def test_the_own_tutor_example_runs_on_the_embedded_model(tmp_path: Path) -> None:
+def test_the_own_tutor_example_runs_on_the_embedded_model(tmp_path: Path, open_run) -> None:
     """examples/own_tutor as the README runs it (its http kind: server.py around tutor.py, started by
     simbench), one persona instead of two to keep it short."""
-    folder = tmp_path / "own_tutor"
-    shutil.copytree(ROOT / "examples" / "own_tutor", folder, ignore=shutil.ignore_patterns("__pycache__", "runs"))
-    matrix = yaml.safe_load((folder / "http.yaml").read_text())
-    matrix["personas"] = matrix["personas"][:1]
-    (folder / "http.yaml").write_text(yaml.safe_dump(matrix, sort_keys=False))
+    path = copy_own_tutor(tmp_path, "http.yaml", lambda matrix: matrix.update(personas=matrix["personas"][:1]))
     out = tmp_path / "run"
-    result = subprocess.run(SIMBENCH + ["run", str(folder / "http.yaml"), "--out", str(out), "--no-cache", "-q"],
+    result = subprocess.run(SIMBENCH + ["run", str(path), "--out", str(out), "--no-cache", "-q"],
                             capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    summary = json.loads((out / "summary.json").read_text())
+    run = open_run(out)
+    summary = run.summary()
     assert summary["sessions"]["completed"] == 4 and summary["sessions"]["errored"] == 0
-    assert all(summary["dimensions"][d]["overall"]["judged"] == 4 for d in matrix["judges"]["use"])
-    with sqlite3.connect(out / "run.sqlite") as db:
-        tools = {name for (name,) in db.execute("SELECT name FROM spans WHERE span_kind = 'TOOL'")}
-        turns = db.execute("SELECT COUNT(*) FROM spans WHERE name = 'tutor.turn'").fetchone()[0]
-    assert "search_notes" in tools and turns == sum(s["turns"] for s in _sessions(out))
+    assert set(summary["dimensions"]) == {"coherence", "goal_completion", "correctness"}  # the example's judges
+    assert all(d["overall"]["judged"] == 4 for d in summary["dimensions"].values())
+    spans = run.spans()
+    assert "search_notes" in {s["name"] for s in spans if s["span_kind"] == "TOOL"}
+    assert sum(s["name"] == "tutor.turn" for s in spans) == sum(s["turns"] for s in run.sessions())
     assert "search_notes" in (out / "report.html").read_text()
-
-
-def _sessions(run_dir: Path) -> list[dict]:
-    with sqlite3.connect(run_dir / "run.sqlite") as db:
-        db.row_factory = sqlite3.Row
-        return [dict(r) for r in db.execute("SELECT * FROM sessions")]
 
 
 def test_no_server_survives_sigkill_of_simbench(tmp_path: Path) -> None:

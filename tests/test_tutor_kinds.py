@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from conftest import base_matrix, cache_entries, run_cli
+from conftest import base_matrix, cache_entries, copy_own_tutor, run_cli
 from simbench.matrix import MatrixError, load_matrix
 
 TESTS = Path(__file__).parent
@@ -496,23 +496,11 @@ def test_variants_that_change_model_and_temperature(make_fake, write_matrix, tmp
 
 # -- the example: examples/own_tutor, as a callable and as an app -------------------------------
 
-EXAMPLE = TESTS.parent / "examples" / "own_tutor"
-
-
 def _example_on_fake(fake, tmp_path: Path, matrix_name: str) -> Path:
     """The example's folder copied to tmp_path, its matrix pointed at the fake server (the README
     runs it on the embedded model; tests/test_embedded.py covers that model)."""
-    import shutil
-
-    import yaml
-
-    folder = tmp_path / "own_tutor"
-    shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("__pycache__", "runs"))
-    matrix = yaml.safe_load((folder / matrix_name).read_text())
-    matrix["models"] = {"local": {"base_url": fake.base_url, "model": "fake-model", "max_retries": 0}}
-    path = folder / matrix_name
-    path.write_text(yaml.safe_dump(matrix, sort_keys=False))
-    return path
+    return copy_own_tutor(tmp_path, matrix_name, lambda matrix: matrix.update(
+        models={"local": {"base_url": fake.base_url, "model": "fake-model", "max_retries": 0}}))
 
 
 @pytest.mark.parametrize("matrix_name", ["callable.yaml", "http.yaml"])

@@ -286,7 +286,7 @@ class HttpTutor(_Variants):
         transport = ModelTransport(self.name, ShardedTransport(limiter.limit.maximum), cache if tutor.cache else None,
                                    limiter, usage_of=self._usage_of)
         self.timeout = tutor.timeout
-        self.client = httpx2.AsyncClient(transport=transport, timeout=tutor.timeout)
+        self.client = httpx2.AsyncClient(transport=transport, timeout=self.timeout)
 
     def _usage_of(self, content: bytes) -> tuple[int, int]:
         """Tokens of a usable answer; ValueError (retried, then the turn's error) when it is not one."""
