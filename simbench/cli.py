@@ -60,7 +60,7 @@ def _print_outcome(outcome) -> None:
     for dim, d in outcome.summary["dimensions"].items():
         o = d["overall"]
         rate = "–" if o["fail_rate"] is None else f"{100 * o['fail_rate']:.0f}%"
-        click.echo(f"  {dim:<{width}}  fail rate {rate:>4}  ({o['fail']}/{o['judged']} judged; {o['error']} error, {o['skipped']} skipped)")
+        click.echo(f"  {dim:<{width}}  fail rate {rate:>4}  ({o['fail']} failed of {o['judged']} judged; {o['error']} error, {o['skipped']} skipped)")
     sim = outcome.summary.get("simulator_errors")
     if sim and sim["overall"]["flagged"]:
         click.echo(f"  simulator errors: {sim['overall']['flagged']}/{sim['overall']['judged']} sessions "

@@ -228,6 +228,9 @@ def test_judges_fail_skip_and_keep_braces(make_fake, write_matrix, tmp_path, ope
     assert dims["correctness"]["overall"]["fail_rate"] == 1.0
     assert dims["coherence"]["overall"]["fail"] == 2 and dims["coherence"]["overall"]["pass"] == 0
     assert dims["correctness"]["by_topic"]["no reference"]["skipped"] == 1
+    # The run's closing lines say the same counts, each in words.
+    assert re.search(r"correctness +fail rate 100%  \(1 failed of 1 judged; 0 error, 1 skipped\)", result.output)
+    assert re.search(r"coherence +fail rate 100%  \(2 failed of 2 judged; 0 error, 0 skipped\)", result.output)
 
     # The judges read the transcript with its braces intact, and the skipped judge was never asked.
     prompts = ["\n".join(str(m["content"]) for m in r["messages"]) for r in fake.requests_of("judge")]
