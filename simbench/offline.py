@@ -18,7 +18,6 @@ written as the spans the tracer would have recorded for it (``conversation_spans
 
 from __future__ import annotations
 
-import asyncio
 import time
 import secrets
 from datetime import datetime
@@ -27,6 +26,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from .aio import run_async
 from .evaluators.logback import PushResult, push_judgements
 from .evaluators.sessions import rebuild_sessions
 from .evaluators.transcripts import TranscriptError, load_transcripts
@@ -167,7 +167,7 @@ def judge_imported(
                     _log("Judging with the embedded SmolLM2-135M model: it checks that the pipeline works; "
                          "do not trust its judgements.")
                 run.started = True
-                asyncio.run(judge_stored_sessions(spec, store, endpoints, cache, progress, spans_dataframe(store)))
+                run_async(judge_stored_sessions(spec, store, endpoints, cache, progress, spans_dataframe(store)))
             store.finish_run("finished")
             if log_to is not None:
                 log_back(log_to, store, run_dir)

@@ -17,12 +17,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 from opentelemetry.sdk.trace import SpanProcessor, SynchronousMultiSpanProcessor
 from tqdm import tqdm
 
 from . import __version__
+from .aio import run_async
 from .evaluators.judges import JudgeInput, judge_sessions, persona_text
 from .evaluators.logback import push_judgements, run_selection
 from .evaluators.sessions import rebuild_sessions
@@ -95,10 +96,10 @@ def check_gate_names(matrix: Matrix, gates: Optional[dict[str, float]]) -> None:
 
 def run_matrix(
     matrix: Matrix,
-    run_dir: Optional[Path] = None,
+    run_dir: Optional[Union[str, Path]] = None,
     *,
     resume: bool = False,
-    cache_path: Optional[Path] = None,
+    cache_path: Optional[Union[str, Path]] = None,
     gates: Optional[dict[str, float]] = None,
     progress: bool = True,
     judge: bool = True,
@@ -136,7 +137,7 @@ def run_matrix(
                 with tutor_app(matrix, run_dir, endpoints) as app:
                     run.started = True
                     with _fewer_gc_passes():
-                        asyncio.run(_simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge,
+                        run_async(_simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge,
                                                         remote, retry_errors, app))
             store.finish_run("finished")
             if remote is not None and judge:
@@ -315,7 +316,7 @@ def reachable_endpoints(matrix: Matrix, local_url: Optional[str]) -> dict[str, E
         await asyncio.gather(*(check_reachable(e) for e in {e.name: e for e in endpoints.values()}.values()))
 
     try:
-        asyncio.run(check_all())
+        run_async(check_all())
     except EndpointError as exc:
         raise RunError(str(exc), exc.exit_code) from None
     return endpoints

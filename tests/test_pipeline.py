@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import _thread
+import asyncio
 import json
 import re
 import sqlite3
+import threading
+import time
 
 import pytest
 
@@ -332,3 +336,88 @@ def test_resume_reruns_an_unfinished_session_as_a_new_attempt(fake, write_matrix
     assert {j["session_id"] for j in run.judgements()} >= {new_id}
     summary = run.summary()["sessions"]
     assert summary["planned"] == 2 and summary["completed"] == 2 and summary["superseded_attempts"] == 1
+
+
+# -- the Python API where an event loop already runs (a notebook) ---------------------------------
+
+
+def test_run_matrix_runs_inside_a_running_event_loop(fake, write_matrix, tmp_path, open_run):
+    """A notebook cell calls run_matrix with the notebook's loop running in its thread, where
+    asyncio.run alone refuses ("cannot be called from a running event loop")."""
+    from simbench import load_matrix, run_matrix
+
+    matrix = load_matrix(write_matrix(base_matrix(fake.base_url)))
+
+    async def notebook_cell():
+        # str paths, as in the README's example
+        return run_matrix(matrix, str(tmp_path / "run"), cache_path=str(tmp_path / "cache.sqlite"), progress=False)
+
+    outcome = asyncio.run(notebook_cell())
+    assert outcome.report_path == tmp_path / "run" / "report.html" and outcome.report_path.is_file()
+    sessions = outcome.summary["sessions"]
+    assert sessions["planned"] == 2 and sessions["completed"] == 2 and sessions["errored"] == 0
+    run = open_run(tmp_path / "run")
+    assert {j["status"] for j in run.judgements()} == {"ok"} and len(run.judgements()) == 2 * 2
+    assert fake.roles["tutor"] > 0 and fake.roles["judge"] == 2 * 2
+
+
+def test_an_interrupted_wait_cancels_the_coroutine_on_its_thread():
+    """The notebook's stop button (KeyboardInterrupt in the waiting thread) must stop the run's
+    coroutine, not leave it calling models on its own thread."""
+    from simbench.aio import run_async
+
+    seen: dict[str, object] = {}
+
+    async def run_for_ever():
+        seen["thread"] = threading.current_thread()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            seen["cancelled"] = True
+            raise
+
+    async def notebook_cell():
+        threading.Timer(0.3, _thread.interrupt_main).start()
+        return run_async(run_for_ever())
+
+    # A loop run as a notebook kernel runs it: a SIGINT raises KeyboardInterrupt in the waiting thread.
+    # (asyncio.run's own SIGINT handler would only cancel the blocked cell.)
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(notebook_cell())
+    finally:
+        loop.close()
+    assert seen["cancelled"] is True
+    assert seen["thread"] is not threading.main_thread()
+
+
+def test_a_notebook_run_interrupted_stops_calling_and_resumes(make_fake, write_matrix, tmp_path, open_run):
+    """Interrupting a notebook's run_matrix: RunInterrupted names the run, no model call follows, and
+    resuming it finishes every session."""
+    from simbench import load_matrix, run_matrix
+    from simbench.pipeline import RunInterrupted
+
+    fake = make_fake(latency=0.4)
+    matrix = load_matrix(write_matrix(base_matrix(fake.base_url, max_turns=3)))
+    run_dir, cache = tmp_path / "run", tmp_path / "cache.sqlite"
+
+    async def notebook_cell():
+        threading.Timer(1.0, _thread.interrupt_main).start()
+        return run_matrix(matrix, run_dir, cache_path=cache, progress=False)
+
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(RunInterrupted) as interrupted:
+            loop.run_until_complete(notebook_cell())
+    finally:
+        loop.close()
+    assert interrupted.value.run_dir == run_dir
+    calls = fake.chat_calls
+    assert calls > 0  # it had started calling
+    time.sleep(1.5)
+    assert fake.chat_calls == calls, "the run went on calling models after the interrupt"
+    assert sum(1 for x in open_run(run_dir).sessions() if x["status"] == "completed") < 2
+
+    outcome = run_matrix(matrix, run_dir, resume=True, cache_path=cache, progress=False)
+    assert outcome.summary["sessions"]["completed"] == 2 and outcome.summary["sessions"]["errored"] == 0

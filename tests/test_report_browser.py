@@ -43,6 +43,9 @@ HOSTILE_TUTOR = ('<script>alert("xss-script")</script> </script><script>alert("x
                  '<img src=x onerror=alert("xss-img")> </textarea><textarea>alert("xss-textarea")</textarea> '
                  '<b>not bold</b>')
 HOSTILE_JUDGE = "<img src=x onerror=alert('xss-judge')> </script><script>alert('xss-judge-script')</script>"
+# One unbroken 300-character token, as a small judge writes when it loops ("14:22:53.232.232..."):
+# it must wrap inside its session, not widen the page.
+LONG_TOKEN = "14:22:53" + ".232" * 73
 SOCRATIC_MARK = "What do you think the common denominator is?"
 DIRECT_MARK = "Here is the method: rewrite both fractions over 6."
 HARD_TOPIC = "percent <b>&</b> ratios"
@@ -132,7 +135,7 @@ def _judge(prompt: str, labels: list[str]) -> str:
     name = judge_name(prompt)
     good, bad = PASS_FAIL[name]
     failed = SOCRATIC_MARK in prompt if name == "coherence" else "2/3 of 9" in prompt
-    return json.dumps({"explanation": f"{name} judged. {HOSTILE_JUDGE}", "label": bad if failed else good})
+    return json.dumps({"explanation": f"{name} judged. {HOSTILE_JUDGE} {LONG_TOKEN}", "label": bad if failed else good})
 
 
 @pytest.fixture(scope="module")
@@ -407,6 +410,33 @@ def test_hostile_model_text_stays_inert(browser, fixture_run, open_page, mode):
     # The hostile topic name is text in the filters and headings, not markup.
     assert HARD_TOPIC in page.inner_text("#heatmaps")
     assert page.locator(f"#filters select[name=topic] option[value='{HARD_TOPIC}']").count() == 1
+    p.assert_clean()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_long_unbroken_token_wraps_inside_its_session(browser, fixture_run, open_page, mode):
+    p = open_page(fixture_run[mode])
+    assert len(visible_sessions(p)) == 24  # opens every group: every transcript is in the DOM now
+    widths = p.page.evaluate(f"""() => ({{
+      long: Array.from(document.querySelectorAll('article.session td.name')).filter(td => td.textContent.includes({LONG_TOKEN!r})).length,
+      page: [document.documentElement.scrollWidth, document.documentElement.clientWidth],
+      sessions: Array.from(document.querySelectorAll('article.session')).map(a => [a.scrollWidth, a.clientWidth]),
+      // the judge's name and its label stay whole: one line box each, not broken to make room
+      broken: Array.from(document.querySelectorAll('article.session tr')).flatMap(tr => Array.from(tr.cells).slice(0, 2))
+        .filter(td => {{
+          const tops = new Set(), walk = document.createTreeWalker(td, NodeFilter.SHOW_TEXT);
+          for (let n = walk.nextNode(); n; n = walk.nextNode()) {{
+            const r = document.createRange(); r.selectNodeContents(n);
+            for (const box of r.getClientRects()) tops.add(Math.round(box.top));
+          }}
+          return tops.size > 1;
+        }})
+        .map(td => td.textContent),
+    }})""")
+    assert widths["long"] >= 24 and widths["broken"] == []
+    assert widths["page"][0] <= widths["page"][1], widths["page"]
+    overflowing = [w for w in widths["sessions"] if w[0] > w[1] + 1]
+    assert len(widths["sessions"]) == 24 and not overflowing, overflowing
     p.assert_clean()
 
 

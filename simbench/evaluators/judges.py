@@ -310,10 +310,10 @@ async def judge_sessions(
         if not interrupted:
             raise
     finally:
-        if watching:
+        if watching:  # (only in the main thread: a notebook's run has a thread of its own, aio.py)
             loop.remove_signal_handler(signal.SIGINT)
-        # each executor swaps the SIGINT handler in and out; concurrent ones can restore a stale one
-        signal.signal(signal.SIGINT, sigint)
+            # each executor swaps the SIGINT handler in and out; concurrent ones can restore a stale one
+            signal.signal(signal.SIGINT, sigint)
         for judge in judges:
             await judge.stop_in_flight()
         await client.aclose()

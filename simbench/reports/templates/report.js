@@ -180,7 +180,7 @@
           row.appendChild(iso("td", "name", j[0] + (j[1] ? " #" + j[1] : "")));
           cell.appendChild(tag(j[2], j[3]));
           row.appendChild(cell);
-          row.appendChild(iso("td", "name", j[4]));
+          row.appendChild(iso("td", "name explain", j[4]));
           table.appendChild(row);
         });
         a.appendChild(table);
