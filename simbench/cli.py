@@ -222,6 +222,7 @@ def compare(run_dir_a: str, run_dir_b: str, out: Optional[str]) -> None:
     except CompareError as exc:
         _fail(str(exc), EXIT_INPUT)
     path = write_comparison(comparison, Path(out) if out else Path(run_dir_b) / COMPARE_FILE)
+    click.echo(f"B {run_dir_b} against A {run_dir_a} (each line: pass rate B vs A, points B - A):")
     for line in verdict_lines(comparison.result):
         click.echo(line)
     click.echo(f"report: {path}")

@@ -70,6 +70,9 @@ def test_compare_says_the_second_run_is_better(runs):
     result = invoke("compare", runs["before"], runs["after"])
     assert result.exit_code == 0, result.output
     assert re.search(r"^socratic / coherence: better: .*n = 12 pairs", result.output, re.M)
+    # which run is which, before the figures: B's pass rate comes first
+    assert result.output.startswith(f"B {runs['after']} against A {runs['before']} (each line: pass rate B vs A")
+    assert re.search(r"^socratic / coherence: better: .*pass rate 100% vs 0%", result.output, re.M)
     report = runs["after"] / "compare.html"
     assert f"report: {report}" in result.output
     html = report.read_text(encoding="utf-8")
