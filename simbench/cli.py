@@ -199,7 +199,8 @@ def report(run_dir: str, open_: bool, junit: Optional[str]) -> None:
     if junit:
         click.echo(f"junit:   {write_junit(outcome.summary, Path(junit))}")
     if open_:
-        webbrowser.open(outcome.report_path.resolve().as_uri())
+        if not webbrowser.open(outcome.report_path.resolve().as_uri()):
+            click.echo(f"no browser to open it here; open {outcome.report_path} yourself", err=True)
     if outcome.gate_failures:
         sys.exit(EXIT_GATE)
 

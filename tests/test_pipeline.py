@@ -5,10 +5,14 @@ from __future__ import annotations
 import _thread
 import asyncio
 import json
+import os
 import re
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -262,6 +266,29 @@ def test_report_command_rebuilds_without_model_calls(fake, write_matrix, tmp_pat
     assert (out / "report.html").is_file()
     assert json.loads((out / "summary.json").read_text()) == before
     assert "2 planned, 2 completed" in result.stdout
+
+
+def test_report_open_hands_the_file_to_a_browser_or_says_there_is_none(fake, write_matrix, tmp_path):
+    result, out, _ = _run(write_matrix, tmp_path, base_matrix(fake.base_url))
+    assert result.exit_code == 0, result.output
+    recorder = tmp_path / "browser.py"
+    recorder.write_text("import sys, pathlib; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])\n", encoding="utf-8")
+    opened = tmp_path / "opened.txt"
+    # webbrowser reads its environment once per process, so each case is a process of its own; no
+    # display and a PATH without browsers, so only $BROWSER can answer.
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER")}
+    env["PATH"] = str(Path(sys.executable).parent)
+    command = [sys.executable, "-m", "simbench", "report", str(out), "--open"]
+
+    with_browser = subprocess.run(command, env={**env, "BROWSER": f"{sys.executable} {recorder} {opened} %s"},
+                                  capture_output=True, text=True, timeout=120)
+    assert with_browser.returncode == 0, with_browser.stderr
+    assert opened.read_text() == (out / "report.html").resolve().as_uri()
+    assert "no browser" not in with_browser.stderr
+
+    without = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert without.returncode == 0, without.stderr
+    assert f"no browser to open it here; open {out / 'report.html'} yourself" in without.stderr
 
 
 def test_report_on_a_directory_without_a_run_exits_2(tmp_path):
