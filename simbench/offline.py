@@ -33,7 +33,7 @@ from .evaluators.transcripts import TranscriptError, load_transcripts
 from .matrix import LOCAL_MAX_CONTEXT, JudgesSpec, Matrix, Persona, Topic, TutorSpec, judge_prompt_tokens
 from .models.cache import ResponseCache
 from .pipeline import (RunError, RunOutcome, _log, check_gate_names, embedded_server, judge_settings,
-                       judge_stored_sessions, log_back, open_existing_run, open_remote, raise_if_nothing_done,
+                       judge_stored_sessions, log_back, open_remote, raise_if_nothing_done,
                        reachable_endpoints, store_settings, stored_matrix, summarize_and_report, writing_run)
 from .records import ImportedSession, Sample, SimulatedSession, session_id_for
 from .store import RunStore, dumps
@@ -51,7 +51,7 @@ UNKNOWN = "unknown"
 
 def spans_from_run(run_dir: Path) -> tuple[pd.DataFrame, Matrix]:
     """A local run's spans (its counted sessions only) and the matrix it ran."""
-    store = open_existing_run(run_dir)
+    store = RunStore.open_existing(run_dir)
     try:
         matrix = stored_matrix(store)
         counted = {s["session_id"] for s in store.latest_sessions() if s["status"] == "completed"}
@@ -363,7 +363,7 @@ def _int(value: Any) -> Optional[int]:
 
 def push_run(run_dir: Path, config: StoreConfig) -> PushResult:
     """Log a finished run's judgements to a store (the run's file is only read)."""
-    store = open_existing_run(run_dir)
+    store = RunStore.open_existing(run_dir)
     try:
         trace_store = open_remote(config)
         try:

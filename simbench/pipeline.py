@@ -616,16 +616,9 @@ def stored_matrix(store: RunStore) -> Matrix:
                        f"{first['msg']}); was it written by another simbench?", 2) from None
 
 
-def open_existing_run(run_dir: Path) -> RunStore:
-    """An existing run's file, to read (no lock: readers never write); ``RunError`` 2 if there is none."""
-    if not (Path(run_dir) / RUN_FILE).exists():
-        raise RunError(f"{run_dir}: not a run directory ({RUN_FILE} is missing)", 2)
-    return RunStore.open_run_dir(run_dir)
-
-
 def rebuild_report(run_dir: Path) -> RunOutcome:
     """Regenerate summary.json and report.html from a run's SQLite file (no model calls)."""
-    store = open_existing_run(run_dir)
+    store = RunStore.open_existing(run_dir)
     try:
         matrix = stored_matrix(store)
         return summarize_and_report(matrix, store, Path(run_dir), None)

@@ -137,6 +137,13 @@ class RunStore:
     def open_run_dir(cls, run_dir: Path) -> "RunStore":
         return cls(Path(run_dir) / RUN_FILE)
 
+    @classmethod
+    def open_existing(cls, run_dir: Path) -> "RunStore":
+        """An existing run's file, to read (no lock: readers never write); ``RunFileError`` 2 if there is none."""
+        if not (Path(run_dir) / RUN_FILE).exists():
+            raise RunFileError(f"{run_dir}: not a run directory ({RUN_FILE} is missing)", 2)
+        return cls.open_run_dir(run_dir)
+
     def _migrate(self) -> None:
         with self._lock:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..store import RUN_FILE, RunStore
+from ..store import RunStore
 from .html import assets, comparison_rows, environment, session_views
 from .outcomes import PairKey, SampleOutcome, by_pair_key, compare_matchups, load_outcomes
 from .summary import STATISTICS
@@ -34,12 +34,6 @@ class RunComparison:
 
     result: dict[str, Any]
     changed: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _open(run_dir: Path) -> RunStore:
-    if not (Path(run_dir) / RUN_FILE).exists():
-        raise CompareError(f"{run_dir}: not a run directory ({RUN_FILE} is missing)")
-    return RunStore.open_run_dir(run_dir)
 
 
 IMPORTED_TUTOR = "imported sessions (not simulated)"
@@ -77,9 +71,9 @@ def _describe(run_dir: Path, store: RunStore) -> dict[str, Any]:
 
 def compare_runs(run_dir_a: Path, run_dir_b: Path) -> RunComparison:
     """Pair the samples of two runs and compare every matched variant on every shared dimension."""
-    store_a, store_b = _open(run_dir_a), None
+    store_a, store_b = RunStore.open_existing(run_dir_a), None
     try:
-        store_b = _open(run_dir_b)
+        store_b = RunStore.open_existing(run_dir_b)
         a, b = _describe(run_dir_a, store_a), _describe(run_dir_b, store_b)
         dims = [d for d in a["dimensions"] if d in b["dimensions"]]
         if not dims:
