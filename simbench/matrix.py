@@ -70,6 +70,10 @@ def _http_url(value: str, example: str) -> str:
     return value
 
 
+# OpenAI's reasoning models, also behind a prefix (openai/gpt-5.4-mini); not their chat snapshots.
+REASONING_MODEL_ID = re.compile(r"^(?:[\w.-]+/)?(?:o[1-9]|gpt-5)(?![\w.-]*-chat)", re.IGNORECASE)
+
+
 class ModelSpec(_Strict):
     """A named model endpoint. ``provider: local`` is the embedded llama.cpp server."""
 
@@ -83,11 +87,23 @@ class ModelSpec(_Strict):
     timeout: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=4, ge=0)
     price: Optional[Price] = None
+    # A reasoning model (OpenAI's gpt-5 and o-series: by default, when the model id says so) takes
+    # max_completion_tokens, not max_tokens, and no temperature; it reasons before it answers, within
+    # that limit, so it gets reasoning_budget tokens on top of its role's max_tokens.
+    reasoning: Optional[bool] = None
+    reasoning_budget: int = Field(default=4096, ge=0)
 
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, v: Optional[str]) -> Optional[str]:
         return v if v is None else _http_url(v, "https://api.openai.com/v1")
+
+    def is_reasoning(self) -> bool:
+        if self.provider == "local":
+            return False
+        if self.reasoning is not None:
+            return self.reasoning
+        return bool(REASONING_MODEL_ID.match(self.model or ""))
 
     @model_validator(mode="after")
     def _remote_needs_url_and_model(self) -> "ModelSpec":
@@ -1104,6 +1120,24 @@ def _check_http(matrix: Matrix, http: HttpSpec, at: Callable[[tuple, str], None]
             return
 
 
+def _check_reasoning_temperatures(matrix: Matrix, at: Callable[[tuple, str], None]) -> None:
+    """A temperature the matrix sets for a reasoning model would not be sent (it refuses one): say so."""
+    settings: list[tuple[tuple, Optional[str]]] = [
+        ((role_key, "temperature"), spec.model) for role_key, spec in (("tutor", matrix.tutor), ("student", matrix.student))
+        if "temperature" in spec.model_fields_set]
+    if "temperature" in matrix.judges.model_fields_set:
+        settings += [(("judges", "temperature"), name) for name in matrix.judge_model_names()]
+    if matrix.tutor.kind == "prompt":  # a callable or app is handed its temperature; it calls its own models
+        settings += [(("tutor", "variants", name, "temperature"), matrix.tutor.model_of(name))
+                     for name, spec in matrix.tutor.variants.items()
+                     if isinstance(spec, VariantSpec) and spec.temperature is not None]
+    for loc, name in settings:
+        model = name or DEFAULT_MODEL
+        if matrix.model_spec(model).is_reasoning():
+            at(loc, f"model {model!r} ({matrix.model_spec(model).model}) is a reasoning model, which takes no "
+               f"temperature; remove this one, or set models.{model}.reasoning: false if it is not a reasoning model")
+
+
 def _check_references(matrix: Matrix, lines: "_LineIndex", source: str) -> list[str]:
     """Checks across fields: model names, unique names, templates, gates, the local context budget."""
     problems = []
@@ -1141,6 +1175,7 @@ def _check_references(matrix: Matrix, lines: "_LineIndex", source: str) -> list[
             at(("gates", dim), f"gate on {dim!r}, which is not a judge in judges.use {matrix.judges.use}")
     if problems:
         return problems
+    _check_reasoning_temperatures(matrix, at)
 
     planned = matrix.planned_sessions()
     if planned > MAX_SESSIONS:

@@ -67,6 +67,12 @@ class FakeOpenAI:
     seed: int = 0
     keep_requests: bool = True
     port: int = 0
+    # Requests naming a model that starts with one of these are answered as OpenAI answers its
+    # reasoning models (gpt-5, o3): HTTP 400 for ``max_tokens`` or a temperature other than 1, and
+    # ``reasoning_tokens`` of each answer's ``max_completion_tokens`` spent on reasoning first (an
+    # answer cut off before any text when the limit is smaller).
+    reasoning_prefixes: tuple[str, ...] = ()
+    reasoning_tokens: int = 300
 
     def __post_init__(self) -> None:
         self.requests: list[dict] = []
@@ -146,6 +152,8 @@ class FakeOpenAI:
         if self.latency:
             await asyncio.sleep(self.latency)
         status, payload, extra = await self._maybe_fault()
+        if status is None and str(request.get("model", "")).startswith(self.reasoning_prefixes or ("\0",)):
+            status, payload, extra = self._reasoning_refusal(request)
         if status is None:
             status, payload, extra = 200, self._completion(role, request), {}
         self.statuses[status] += 1
@@ -180,6 +188,19 @@ class FakeOpenAI:
         system = next((m["content"] for m in request["messages"] if m["role"] in ("system", "developer")), "")
         return "student" if "role-playing a student" in system else "tutor"
 
+    @staticmethod
+    def _reasoning_refusal(request: dict) -> tuple[Optional[int], bytes, dict]:
+        def refused(param: str, code: str, message: str) -> tuple[int, bytes, dict]:
+            return 400, json.dumps({"error": {"message": message, "type": "invalid_request_error",
+                                              "param": param, "code": code}}).encode(), {}
+        if "max_tokens" in request:
+            return refused("max_tokens", "unsupported_parameter", "Unsupported parameter: 'max_tokens' is not "
+                           "supported with this model. Use 'max_completion_tokens' instead.")
+        if request.get("temperature", 1) != 1:
+            return refused("temperature", "unsupported_value", f"Unsupported value: 'temperature' does not support "
+                           f"{request['temperature']} with this model. Only the default (1) value is supported.")
+        return None, b"", {}
+
     def _completion(self, role: str, request: dict) -> bytes:
         if role == "judge":
             content = self._judge_content(request)
@@ -189,6 +210,14 @@ class FakeOpenAI:
             content = self.tutor(request)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in request["messages"])
         completion_tokens = len(content.split())
+        finish, details = "stop", {}
+        if str(request.get("model", "")).startswith(self.reasoning_prefixes or ("\0",)):
+            limit = int(request.get("max_completion_tokens") or 1_000_000)
+            if limit <= self.reasoning_tokens:  # the reasoning took the whole limit: no text at all
+                content, completion_tokens, finish = "", limit, "length"
+            else:
+                completion_tokens += self.reasoning_tokens
+            details = {"completion_tokens_details": {"reasoning_tokens": min(limit, self.reasoning_tokens)}}
         message = {"role": "assistant", "content": content}
         if role == "judge" and request.get("tools"):
             # phoenix.evals' fallback when structured output is refused: the answer comes as a tool call
@@ -198,9 +227,9 @@ class FakeOpenAI:
         return json.dumps({
             "id": f"chatcmpl-{time.monotonic_ns()}", "object": "chat.completion", "created": int(time.time()),
             "model": request.get("model", "fake"),
-            "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
+            "choices": [{"index": 0, "finish_reason": finish, "message": message}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+                      "total_tokens": prompt_tokens + completion_tokens, **details},
         }).encode()
 
     def _judge_content(self, request: dict) -> str:

@@ -25,7 +25,7 @@ from phoenix.evals.llm.wrapper import generate_classification_schema
 from tqdm import tqdm
 
 from ..models.cache import ResponseCache
-from ..models.endpoints import Endpoint, http_client
+from ..models.endpoints import Endpoint, http_client, sampling_params
 from ..models.limits import ModelLimiter
 from ..models.transport import CallScope, call_scope
 from ..records import CallRecord, Judgement, Transcript
@@ -264,7 +264,7 @@ async def judge_sessions(
     # Enough requeues to outwait one request's own timeout (the in-flight request is shared).
     phoenix_retries = max(3, math.ceil((endpoint.timeout + 60) / PHOENIX_TASK_TIMEOUT_S))
     judges = [
-        SessionJudge(d, llm, endpoint.name, report, max_tokens=max_tokens, temperature=temperature,
+        SessionJudge(d, llm, endpoint.name, report, **sampling_params(endpoint, max_tokens, temperature),
                      **(_bounded_explanation(d, max_tokens) if endpoint.local else {}))
         for d in definitions
     ]

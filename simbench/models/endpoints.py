@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import httpx2
 import openai
@@ -40,9 +40,22 @@ class Endpoint:
     timeout: float
     local: bool = False
     api_key_env: Optional[str] = None  # the variable that holds the key (for messages)
+    reasoning_budget: Optional[int] = None  # a reasoning model's tokens for reasoning (None: not one)
 
     def __repr__(self) -> str:  # never show the key
         return f"Endpoint(name={self.name!r}, base_url={self.base_url!r}, model={self.model!r})"
+
+
+def sampling_params(endpoint: Endpoint, max_tokens: int, temperature: Optional[float]) -> dict[str, Any]:
+    """The length and sampling fields of a chat request to ``endpoint``, for every role that calls it.
+
+    A reasoning model (``models.NAME.reasoning``) refuses ``max_tokens`` and any temperature but its
+    own (HTTP 400), and spends part of its limit reasoning before it writes: it gets
+    ``max_completion_tokens`` of the role's ``max_tokens`` plus its reasoning budget, and no temperature.
+    """
+    if endpoint.reasoning_budget is not None:
+        return {"max_completion_tokens": max_tokens + endpoint.reasoning_budget}
+    return {"max_tokens": max_tokens} if temperature is None else {"max_tokens": max_tokens, "temperature": temperature}
 
 
 def resolve_endpoint(name: str, spec: ModelSpec, local_base_url: Optional[str]) -> Endpoint:
@@ -59,7 +72,8 @@ def resolve_endpoint(name: str, spec: ModelSpec, local_base_url: Optional[str]) 
         if not api_key.strip():
             state = "is not set" if spec.api_key_env not in os.environ else "is set but empty"
             raise EndpointError(f"model {name!r}: environment variable {spec.api_key_env} {state} (it holds the API key)")
-    return Endpoint(name, spec.base_url, spec.model, api_key, spec.timeout, api_key_env=spec.api_key_env)
+    return Endpoint(name, spec.base_url, spec.model, api_key, spec.timeout, api_key_env=spec.api_key_env,
+                    reasoning_budget=spec.reasoning_budget if spec.is_reasoning() else None)
 
 
 CONNECTIONS_PER_POOL = 4

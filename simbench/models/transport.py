@@ -229,7 +229,8 @@ def _rebuilt(response: httpx2.Response, content: bytes, request: httpx2.Request)
 def _estimated_tokens(body: bytes) -> int:
     """Prompt tokens (about 4 bytes each) plus the answer's ceiling, for the tpm window."""
     try:
-        max_tokens = int(json.loads(body).get("max_tokens") or 256)
+        request = json.loads(body)
+        max_tokens = int(request.get("max_tokens") or request.get("max_completion_tokens") or 256)
     except (ValueError, AttributeError, TypeError):
         max_tokens = 256
     return len(body) // 4 + max_tokens

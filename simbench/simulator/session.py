@@ -14,7 +14,7 @@ from ..matrix import Matrix
 from ..models.transport import CallScope, call_scope
 from ..records import CallRecord, Message, Sample, SimulatedSession
 from ..tracing.setup import record_session_end, tutor_turn_span
-from .agents import Agent, split_stop_signal, student_messages, student_system_prompt
+from .agents import Agent, AnswerError, split_stop_signal, student_messages, student_system_prompt
 from .tutors import Tutor, TutorError
 
 
@@ -74,7 +74,7 @@ async def _call(role: str, reply: Awaitable[T]) -> T:
     """Await one side's call, naming the side if it fails."""
     try:
         return await reply
-    except TutorError as exc:  # already says what failed, after its retries
+    except (TutorError, AnswerError) as exc:  # already says what failed (after its retries)
         raise CallFailed(f"{role} call failed: {exc}") from exc
     except Exception as exc:
         raise CallFailed(f"{role} call failed: {type(exc).__name__}: {exc}") from exc
