@@ -73,6 +73,9 @@ class FakeOpenAI:
     # answer cut off before any text when the limit is smaller).
     reasoning_prefixes: tuple[str, ...] = ()
     reasoning_tokens: int = 300
+    # A thinking model served as a chat model (llama.cpp serving Qwen3, say): it takes max_tokens and
+    # a temperature, and spends this many of its max_tokens thinking before it writes.
+    thinking_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.requests: list[dict] = []
@@ -211,13 +214,17 @@ class FakeOpenAI:
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in request["messages"])
         completion_tokens = len(content.split())
         finish, details = "stop", {}
+        thinking, limit = 0, 1_000_000
         if str(request.get("model", "")).startswith(self.reasoning_prefixes or ("\0",)):
-            limit = int(request.get("max_completion_tokens") or 1_000_000)
-            if limit <= self.reasoning_tokens:  # the reasoning took the whole limit: no text at all
+            thinking, limit = self.reasoning_tokens, int(request.get("max_completion_tokens") or limit)
+        elif self.thinking_tokens:
+            thinking, limit = self.thinking_tokens, int(request.get("max_tokens") or limit)
+        if thinking:
+            if limit <= thinking:  # the reasoning took the whole limit: no text at all
                 content, completion_tokens, finish = "", limit, "length"
             else:
-                completion_tokens += self.reasoning_tokens
-            details = {"completion_tokens_details": {"reasoning_tokens": min(limit, self.reasoning_tokens)}}
+                completion_tokens += thinking
+            details = {"completion_tokens_details": {"reasoning_tokens": min(limit, thinking)}}
         message = {"role": "assistant", "content": content}
         if role == "judge" and request.get("tools"):
             # phoenix.evals' fallback when structured output is refused: the answer comes as a tool call

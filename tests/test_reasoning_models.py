@@ -115,3 +115,16 @@ def test_a_judge_temperature_for_a_reasoning_judge_is_refused_before_any_call(ma
     assert result.exit_code == 2, result.output
     assert "--judge-temperature: the judges' model 'fake' is a reasoning model" in result.output
     assert fake.chat_calls == 0 and not out.exists()
+
+
+def test_a_chat_served_thinking_model_cut_off_says_to_raise_max_tokens(make_fake, tmp_path, open_run):
+    """A thinking model behind a chat endpoint (no reasoning model by its id) that runs out of
+    max_tokens while thinking: the session errors, and the message names both ways out."""
+    fake = make_fake(thinking_tokens=100)
+    out = tmp_path / "run"
+    result = run_cli(_write(tmp_path, _matrix(fake, model="qwen3-8b")), out, "--no-cache")
+    assert result.exit_code == 3, result.output
+    errors = {s["error"] for s in open_run(out).sessions()}
+    assert errors == {"tutor call failed: the answer was cut off before any text (max_tokens 64 reached, 64 of "
+                      "them reasoning): raise the role's max_tokens (or set models.fake.reasoning: true for a "
+                      "reasoning model)"}, errors
