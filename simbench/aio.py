@@ -10,7 +10,6 @@ down, so nothing keeps calling models after the cell has stopped.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import threading
 from typing import Any, Coroutine, TypeVar
 
@@ -27,19 +26,17 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 def _run_on_own_thread(coro: Coroutine[Any, Any, T]) -> T:
     loop = asyncio.new_event_loop()
-    started, finished = threading.Event(), threading.Event()
+    task = loop.create_task(coro)  # created here, so it runs in a copy of the caller's context
+    finished = threading.Event()
     outcome: dict[str, Any] = {}
 
     def target() -> None:
+        asyncio.set_event_loop(loop)
         try:
-            asyncio.set_event_loop(loop)
-            outcome["task"] = loop.create_task(coro)
-            started.set()
-            outcome["value"] = loop.run_until_complete(outcome["task"])
+            outcome["value"] = loop.run_until_complete(task)
         except BaseException as exc:  # handed to the caller's thread, which raises it
             outcome["error"] = exc
         finally:
-            started.set()
             try:
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
@@ -49,16 +46,14 @@ def _run_on_own_thread(coro: Coroutine[Any, Any, T]) -> T:
 
     # An Event, not Thread.join: a KeyboardInterrupt inside join() marks the thread stopped while it
     # still runs (CPython's bpo-45274 handling), and a second join() would return at once.
-    threading.Thread(target=contextvars.copy_context().run, args=(target,), name="simbench-run", daemon=True).start()
+    threading.Thread(target=target, name="simbench-run", daemon=True).start()
     try:
         _wait(finished)
     except BaseException:
-        _wait(started)
-        if "task" in outcome:
-            try:
-                loop.call_soon_threadsafe(outcome["task"].cancel)
-            except RuntimeError:  # the loop closed in between: the coroutine has ended already
-                pass
+        try:
+            loop.call_soon_threadsafe(task.cancel)
+        except RuntimeError:  # the loop closed in between: the coroutine has ended already
+            pass
         _wait(finished)
         raise
     if "error" in outcome:

@@ -461,11 +461,12 @@ def judge_settings(matrix: Matrix, samples: Optional[int], temperature: Optional
     ``DEFAULT_SAMPLE_TEMPERATURE`` (a matrix temperature above 0 is kept).
     """
     samples = samples or 1
-    reasoning = [name for name in matrix.judge_model_names() if matrix.model_spec(name).is_reasoning()]
-    if temperature is not None and reasoning:
-        raise RunError(f"--judge-temperature: the judges' model {reasoning[0]!r} is a reasoning model, which "
-                       "takes no temperature (its answers vary by themselves); leave the option out", 2)
-    if temperature is None:
+    if temperature is not None:
+        reasoning = [name for name in matrix.judge_model_names() if matrix.model_spec(name).is_reasoning()]
+        if reasoning:
+            raise RunError(f"--judge-temperature: the judges' model {reasoning[0]!r} is a reasoning model, which "
+                           "takes no temperature (its answers vary by themselves); leave the option out", 2)
+    else:
         temperature = matrix.judges.temperature
         if samples > 1 and temperature == 0:
             temperature = DEFAULT_SAMPLE_TEMPERATURE

@@ -155,7 +155,7 @@ class FakeOpenAI:
         if self.latency:
             await asyncio.sleep(self.latency)
         status, payload, extra = await self._maybe_fault()
-        if status is None and str(request.get("model", "")).startswith(self.reasoning_prefixes or ("\0",)):
+        if status is None and self._is_reasoning(request):
             status, payload, extra = self._reasoning_refusal(request)
         if status is None:
             status, payload, extra = 200, self._completion(role, request), {}
@@ -191,6 +191,9 @@ class FakeOpenAI:
         system = next((m["content"] for m in request["messages"] if m["role"] in ("system", "developer")), "")
         return "student" if "role-playing a student" in system else "tutor"
 
+    def _is_reasoning(self, request: dict) -> bool:
+        return bool(self.reasoning_prefixes) and str(request.get("model", "")).startswith(self.reasoning_prefixes)
+
     @staticmethod
     def _reasoning_refusal(request: dict) -> tuple[Optional[int], bytes, dict]:
         def refused(param: str, code: str, message: str) -> tuple[int, bytes, dict]:
@@ -215,7 +218,7 @@ class FakeOpenAI:
         completion_tokens = len(content.split())
         finish, details = "stop", {}
         thinking, limit = 0, 1_000_000
-        if str(request.get("model", "")).startswith(self.reasoning_prefixes or ("\0",)):
+        if self._is_reasoning(request):
             thinking, limit = self.reasoning_tokens, int(request.get("max_completion_tokens") or limit)
         elif self.thinking_tokens:
             thinking, limit = self.thinking_tokens, int(request.get("max_tokens") or limit)

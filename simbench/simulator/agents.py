@@ -57,9 +57,11 @@ def _cut_off(endpoint: Endpoint, body: dict, response: ChatCompletion) -> str:
     details = response.usage.completion_tokens_details if response.usage else None
     reasoning = getattr(details, "reasoning_tokens", None) or 0
     spent = f", {reasoning} of them reasoning" if reasoning else ""
-    fix = (f"raise models.{endpoint.name}.reasoning_budget or the role's max_tokens" if endpoint.reasoning_budget is not None
-           else "raise the role's max_tokens (or set models." + endpoint.name + ".reasoning: true for a reasoning model)")
-    return (f"the answer was cut off before any text ({limit_field} {body[limit_field]} reached{spent}): {fix}")
+    if endpoint.reasoning_budget is not None:
+        fix = f"raise models.{endpoint.name}.reasoning_budget or the role's max_tokens"
+    else:
+        fix = f"raise the role's max_tokens (or set models.{endpoint.name}.reasoning: true for a reasoning model)"
+    return f"the answer was cut off before any text ({limit_field} {body[limit_field]} reached{spent}): {fix}"
 
 
 def tutor_messages(system_prompt: str, history: list[Message]) -> list[dict]:
