@@ -250,11 +250,13 @@ def test_a_turn_verdict_without_a_span_or_verdict_is_not_logged():
 
 
 class _FlightReceiver:
-    """An Arrow Flight server on loopback that answers DoPut like AX's and keeps each table it gets."""
+    """An Arrow Flight server on loopback that answers DoPut like AX's and keeps each table it gets.
+
+    The server serves from the moment it is built; ``serve()`` is never called. Run on a thread of its
+    own, ``serve()`` (which installs signal handlers) sometimes stopped the server under its client and
+    once crashed the test process (seen: "Connection refused" mid-run, and a segfault in CI)."""
 
     def __enter__(self):
-        import threading
-
         import pyarrow as pa
         import pyarrow.flight as flight
         from arize._generated.protocol.flight import flight_pb2
@@ -270,12 +272,11 @@ class _FlightReceiver:
 
         self.server = Server("grpc+tcp://127.0.0.1:0")
         self.port = self.server.port
-        self.thread = threading.Thread(target=self.server.serve, daemon=True)
-        self.thread.start()
         return self
 
     def __exit__(self, *exc):
         self.server.shutdown()
+        self.server.wait()
 
 
 @pytest.fixture
