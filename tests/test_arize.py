@@ -249,40 +249,35 @@ def test_a_turn_verdict_without_a_span_or_verdict_is_not_logged():
     assert sdk_validation_errors(frame) == []
 
 
-class _FlightReceiver:
-    """An Arrow Flight server on loopback that answers DoPut like AX's and keeps each table it gets.
+def _flight_receiver():
+    """An Arrow Flight server on loopback that answers DoPut like AX's and keeps each table it gets
+    (``received``). Use it in a ``with``: its own exit shuts it down.
 
-    The server serves from the moment it is built; ``serve()`` is never called. Run on a thread of its
-    own, ``serve()`` (which installs signal handlers) sometimes stopped the server under its client and
+    It serves from the moment it is built; ``serve()`` is never called. Run on a thread of its own,
+    ``serve()`` (which installs signal handlers) sometimes stopped the server under its client and
     once crashed the test process (seen: "Connection refused" mid-run, and a segfault in CI)."""
+    import pyarrow as pa
+    import pyarrow.flight as flight
+    from arize._generated.protocol.flight import flight_pb2
 
-    def __enter__(self):
-        import pyarrow as pa
-        import pyarrow.flight as flight
-        from arize._generated.protocol.flight import flight_pb2
+    class Receiver(flight.FlightServerBase):
+        def __init__(self):
+            super().__init__("grpc+tcp://127.0.0.1:0")
+            self.received = []
 
-        received = self.received = []
+        def do_put(self, context, descriptor, reader, writer):
+            table = reader.read_all()
+            self.received.append((json.loads(descriptor.command), table.to_pandas()))
+            response = flight_pb2.WriteSpanEvaluationResponse(records_updated=table.num_rows)
+            writer.write(pa.py_buffer(response.SerializeToString()))
 
-        class Server(flight.FlightServerBase):
-            def do_put(self, context, descriptor, reader, writer):
-                table = reader.read_all()
-                received.append((json.loads(descriptor.command), table.to_pandas()))
-                response = flight_pb2.WriteSpanEvaluationResponse(records_updated=table.num_rows)
-                writer.write(pa.py_buffer(response.SerializeToString()))
-
-        self.server = Server("grpc+tcp://127.0.0.1:0")
-        self.port = self.server.port
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.wait()
+    return Receiver()
 
 
 @pytest.fixture
 def flight_receiver(monkeypatch):
-    """A ``_FlightReceiver`` the arize SDK sends to (its Flight endpoint comes from the environment)."""
-    with _FlightReceiver() as receiver:
+    """A ``_flight_receiver`` the arize SDK sends to (its Flight endpoint comes from the environment)."""
+    with _flight_receiver() as receiver:
         monkeypatch.setenv("ARIZE_FLIGHT_HOST", "127.0.0.1")
         monkeypatch.setenv("ARIZE_FLIGHT_PORT", str(receiver.port))
         monkeypatch.setenv("ARIZE_FLIGHT_SCHEME", "grpc+tcp")
