@@ -12,7 +12,12 @@ child process, so its CPU time and peak RSS are its own.
 
 Sessions have 3 tutor + 3 student calls (max_turns 3). Bounds: a session needs 6 sequential calls,
 so simulation cannot beat ``concurrency / (6 x latency)`` sessions/s; judging cannot beat
-``concurrency / latency`` judgements/s.
+``concurrency / latency`` judgements/s. Every role uses one model, whose limiter admits
+``concurrency`` calls at once, so a whole run cannot beat ``concurrency / latency`` calls/s.
+
+A run judges each session as soon as it is committed (beside the simulation), so ``judge64``'s
+judging overlaps its simulation; ``judge64-after`` simulates first (``judge=False``) and judges on
+resume, so its judging phase stands alone (the judging figures and CPU per judge call).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ SCENARIOS = {
     "sim256": dict(sessions=1000, concurrency=256, latency=4.0, judges=False),
     "ceiling": dict(sessions=2000, concurrency=256, latency=0.05, judges=False),
     "judge64": dict(sessions=1000, concurrency=64, latency=2.0, judges=True),
+    "judge64-after": dict(sessions=1000, concurrency=64, latency=2.0, judges=True, judge_after=True),
     "cached": dict(sessions=1000, concurrency=64, latency=0.05, judges=True, rerun=True),
     "rss10k": dict(sessions=10000, concurrency=256, latency=0.2, judges=False),
 }
@@ -105,8 +111,12 @@ def child(spec: dict) -> None:
         sampler.start()
         cpu0 = _cpu_s()
         t0 = time.perf_counter()
-        run_matrix(matrix, tmp / label, cache_path=tmp / "cache.sqlite" if spec.get("rerun") else None,
-                   progress=False, judge=spec["judges"])
+        cache = tmp / "cache.sqlite" if spec.get("rerun") else None
+        if spec.get("judge_after"):
+            run_matrix(matrix, tmp / label, cache_path=cache, progress=False, judge=False)
+            run_matrix(matrix, tmp / label, cache_path=cache, progress=False, resume=True)
+        else:
+            run_matrix(matrix, tmp / label, cache_path=cache, progress=False, judge=spec["judges"])
         wall = time.perf_counter() - t0
         cpu1 = _cpu_s()
         sampler.stop.set()
@@ -125,6 +135,7 @@ def child(spec: dict) -> None:
             "sim_wall_s": round(sim_wall, 2),
             "judgements": len(judge_times),
             "judge_wall_s": round(max(judge_times) - min(judge_times), 2) if judge_times else None,
+            "judge_end_s": round(max(judge_times) - sim_start, 2) if judge_times else 0,
             "model_calls": calls,
             "sim_calls_accounted": sim_calls,
             "cpu_s": round(cpu1 - cpu0, 2),
@@ -189,6 +200,10 @@ def report(name: str, r: dict) -> None:
     bound = c / (6 * lat)
     print(f"   simulation: {sim_rate:.2f} sessions/s; bound {bound:.2f}; ratio {sim_rate / bound:.2f}")
     calls = first["sim_calls_accounted"] + first["judgements"]
+    if spec["judges"]:
+        end = max(first["sim_wall_s"], first["judge_end_s"])
+        print(f"   whole run: {calls / end:.2f} calls/s from the first session to the last judgement ({end:.1f} s); "
+              f"bound {c / lat:.2f}; ratio {calls / end / (c / lat):.2f}")
     print(f"   harness CPU: {1000 * first['cpu_s'] / max(1, calls):.2f} ms per model call, whole run "
           f"({first['cpu_s']} s / {calls} calls); {1000 * first['sim_cpu_s'] / max(1, first['sim_window_calls']):.2f} ms "
           f"at steady simulation load ({first['sim_cpu_s']} s / {first['sim_window_calls']} calls)")

@@ -296,8 +296,10 @@ def conversation_spans(session: ImportedSession, session_id: str, start_ns: int)
     def row(name: str, kind: str, attributes: dict[str, Any]) -> tuple:
         nonlocal tick
         tick += 1
-        start = start_ns + tick * 1000
-        return (secrets.token_hex(8), trace_id, None, name, kind, start, start + 500, "OK", session_id,
+        # A millisecond apart: Phoenix keeps microseconds through a float, and spans a microsecond
+        # apart came back with equal start times (the turn order of the rebuild then by chance).
+        start = start_ns + tick * 1_000_000
+        return (secrets.token_hex(8), trace_id, None, name, kind, start, start + 500_000, "OK", session_id,
                 dumps({**common, "openinference.span.kind": kind, **attributes}))
 
     for message in session.messages:

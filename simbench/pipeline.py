@@ -17,23 +17,24 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Union
 
 from opentelemetry.sdk.trace import SpanProcessor, SynchronousMultiSpanProcessor
 from tqdm import tqdm
 
 from . import __version__
 from .aio import run_async
-from .evaluators.judges import JudgeInput, judge_sessions, persona_text
+from .evaluators.judges import judging_guard
 from .evaluators.logback import push_judgements, run_selection
+from .evaluators.run_judging import (CompletedSessions, JudgingInterrupted, RunJudging, judge_as_completed,
+                                     judgement_bar)
 from .evaluators.sessions import rebuild_sessions
-from .evaluators.turns import aggregate_turns
 from .matrix import Matrix, store_secret_env_names
 from .models.cache import ResponseCache
 from .models.embedded import EMBEDDED_LOG, EmbeddedModelError, EmbeddedServer, require_installed, slot_context
 from .models.endpoints import Endpoint, EndpointError, check_reachable, endpoints_for, limiters_for, openai_client
 from .models.limits import RunCounters
-from .records import CallRecord, Judgement, Sample
+from .records import Sample
 from .redact import redact, redacting_processor, register_env
 from .reports.gates import check_gates, gate_failures  # noqa: F401  (gate_failures: the public name)
 from .reports.html import write_report
@@ -431,23 +432,61 @@ def tutor_for(matrix: Matrix, endpoints: dict[str, Endpoint], cache, limiters, a
 
 async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress, judge=True, remote=None,
                               retry_errors=False, app: Optional["RunningApp"] = None) -> None:
+    """Simulate the sessions still to do and judge every completed session still owing judgements.
+
+    With the run's own file as the trace store, each session is judged as soon as it is committed,
+    beside the simulation; a remote store is read once the simulation has sent it every span.
+    """
     counters = RunCounters()
     limiters = limiters_for(matrix, counters)
     tutor = tutor_for(matrix, endpoints, cache, limiters, app)
     student = Agent(openai_client(endpoints["student"], cache, limiters[endpoints["student"].name]), endpoints["student"],
                     matrix.student.max_tokens, matrix.student.temperature)
     todo = pending_samples(store, matrix.samples(), retry_errors)
+    alongside = judge and remote is None
     try:
         with route_spans_to(_span_processor(store, remote)):
             with tqdm(total=len(matrix.samples()), initial=len(matrix.samples()) - len(todo), desc="sessions",
                       unit="session", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
-                await simulate(matrix, run_id, todo, tutor, student, store, bar, counters)
+                if alongside:
+                    judging = RunJudging(matrix, store, endpoints, cache, limiters, counters, retry_errors=retry_errors)
+                    try:
+                        with judgement_bar(progress) as judged:
+                            await _simulate_judging_alongside(matrix, run_id, todo, tutor, student, store, bar,
+                                                              counters, judging, judged)
+                    finally:
+                        await judging.aclose()
+                else:
+                    await simulate(matrix, run_id, todo, tutor, student, store, bar, counters)
     finally:
         await tutor.aclose()
         await student.client.close()
-    if judge:
+    if judge and not alongside:
         await judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters,
                         _session_spans(store, run_id, remote), retry_errors=retry_errors)
+
+
+async def _simulate_judging_alongside(matrix, run_id, todo, tutor, student, store, bar, counters,
+                                      judging: RunJudging, judged: tqdm) -> None:
+    """Simulate ``todo`` while judging each session once committed (and first those a resumed run
+    completed before); either side failing or interrupted stops the other."""
+    completed = CompletedSessions([s for s in store.latest_sessions() if s["status"] == "completed"])
+
+    async def simulation() -> None:
+        try:
+            await simulate(matrix, run_id, todo, tutor, student, store, bar, counters, on_completed=completed.add)
+        finally:
+            completed.close()
+
+    try:
+        async with judging_guard(), asyncio.TaskGroup() as both:
+            both.create_task(simulation())
+            both.create_task(judge_as_completed(judging, completed, judged))
+    except BaseExceptionGroup as group:  # one side's error, as it would be raised without the other
+        first = group.exceptions[0]
+        if isinstance(first, JudgingInterrupted):
+            raise KeyboardInterrupt(str(first)) from None
+        raise first from None
 
 
 # --judge-samples N > 1 without --judge-temperature: at temperature 0 the samples would agree trivially.
@@ -478,99 +517,22 @@ def store_settings(store: RunStore, settings: dict[str, Any]) -> None:
         store.set_setting(key, value)
 
 
-def judge_input_for(matrix: Matrix, transcript, session: dict) -> JudgeInput:
-    """What the judges may read about a session besides its transcript: the topic's and persona's
-    fields for a simulated session; for an imported one (docs/transcripts.md), its own reference and
-    goal from its spans' metadata, keyed in the cache by its own id."""
-    topic = matrix.topic(session["topic"])
-    meta = transcript.metadata
-    if meta.get("imported"):
-        opening = next((m.content for m in transcript.messages if m.role == "student"), None)
-        return JudgeInput(transcript, f"import:{meta.get('source_id')}", topic.name, opening,
-                          meta.get("reference"), meta.get("goal"))
-    persona = matrix.persona(session["persona"])
-    return JudgeInput(transcript, session["sample_id"], topic.name, topic.opening, topic.reference, topic.goal,
-                      subject=topic.subject, misconceptions="\n".join(topic.misconceptions) or None,
-                      persona=persona_text(persona))
-
-
 async def judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters, spans=None, *,
                     retry_errors: bool = False) -> None:
-    """Judge every completed session that has no verdict yet, reading transcripts from the trace store.
-
-    Built-in and custom judges take the same path; judges are grouped by the model they run on.
-    Each judge reads each session ``judge_samples`` times (a run setting, see ``judge_settings``).
-    ``retry_errors``: ``error`` verdicts are asked again (others are kept).
-    """
+    """Judge every completed session that owes judgements, reading transcripts from the trace store
+    (``spans``; default: the run's own file). See ``RunJudging``."""
     latest = {s["session_id"]: s for s in store.latest_sessions() if s["status"] == "completed"}
-    samples = store.setting(JUDGE_SAMPLES_SETTING, 1)
-    temperature = store.setting(JUDGE_TEMPERATURE_SETTING, matrix.judges.temperature)
-    done = {(j.session_id, j.judge, j.judge_sample) for j in store.judgements()
-            if not (retry_errors and j.status == "error")}
     if spans is None:
         spans = spans_dataframe(store, f"{run_id}/")
     transcripts = [t for t in rebuild_sessions(spans) if t.session_id in latest]
-    definitions = matrix.judges.definitions()
-    # A resumed run may have some judgements of a session stored: ask only for the missing
-    # (session, judge, sample) ones, even without the cache.
-    # Groups: (model, per-turn or not, judge names, sample indices) -> sessions. Per-turn judges read other rows.
-    groups: dict[tuple[str, bool, tuple[str, ...], tuple[int, ...]], list[JudgeInput]] = {}
-    for t in transcripts:
-        owed = {d.name: tuple(i for i in range(samples) if (t.session_id, d.name, i) not in done) for d in definitions}
-        item = None
-        for model in matrix.judge_model_names():
-            for per_turn in (False, True):
-                by_indices: dict[tuple[int, ...], list[str]] = {}
-                for d in definitions:
-                    if owed[d.name] and matrix.judges.model_of(d.name) == model and d.per_turn == per_turn:
-                        by_indices.setdefault(owed[d.name], []).append(d.name)
-                for indices, names in by_indices.items():
-                    item = item or judge_input_for(matrix, t, latest[t.session_id])
-                    groups.setdefault((model, per_turn, tuple(names), indices), []).append(item)
-
-    by_status = {"error": 0, "skipped": 0}
-
-    turn_verdicts: dict[tuple[str, str, str, int], list[Judgement]] = {}
-
-    def save(judgement: Judgement, calls: list[CallRecord]) -> None:
-        store.add_judgements([judgement], {judgement.session_id: calls})
-        if judgement.turn is not None:
-            key = (judgement.session_id, judgement.judge, judgement.judge_model, judgement.judge_sample)
-            turn_verdicts.setdefault(key, []).append(judgement)
-        if judgement.status in by_status:
-            by_status[judgement.status] += 1
-        bar.set_postfix_str(f"error={by_status['error']} skipped={by_status['skipped']} "
-                            f"retries={counters.retries} 429s={counters.rate_limited}", refresh=False)
-
-    def rows_per_session(item: JudgeInput, per_turn: bool) -> int:
-        return max(1, sum(m.role == "tutor" for m in item.transcript.messages)) if per_turn else 1
-
-    total = sum(len(indices) * len(names) * sum(rows_per_session(i, per_turn) for i in inputs)
-                for (_, per_turn, names, indices), inputs in groups.items())
-    with tqdm(total=total, desc="judgements", unit="judgement", disable=not progress or not total,
-              file=sys.stderr, dynamic_ncols=True) as bar:
-        for (model, per_turn, names, indices), inputs in groups.items():
-            endpoint = endpoints[f"judge:{model}"]
-            await judge_sessions(inputs, [matrix.judges.definition(n) for n in names], endpoint, cache,
-                                 limiters[endpoint.name], save,
-                                 concurrency=matrix.concurrency, max_tokens=matrix.judges.max_tokens,
-                                 temperature=temperature, judge_samples=samples, progress=bar,
-                                 sample_indices=indices, on_unjudged_calls=store.add_calls)
-            if per_turn:
-                _save_turn_aggregates(store, inputs, names, endpoint.name, turn_verdicts, indices)
-
-
-def _save_turn_aggregates(store: RunStore, inputs: list[JudgeInput], names: tuple[str, ...], model: str,
-                          turn_verdicts: dict[tuple[str, str, str, int], list[Judgement]],
-                          indices: Sequence[int] = (0,)) -> None:
-    """One session verdict per per-turn judge and judgement sample (``indices``), from the turn
-    verdicts just stored (see evaluators/turns.py)."""
-    aggregates = [
-        aggregate_turns(item.transcript.session_id, name, model, sample,
-                        turn_verdicts.get((item.transcript.session_id, name, model, sample), []))
-        for item in inputs for name in names for sample in indices
-    ]
-    store.add_judgements(aggregates, {})
+    judging = RunJudging(matrix, store, endpoints, cache, limiters, counters, retry_errors=retry_errors)
+    groups = judging.plan(transcripts, latest)
+    try:
+        with judgement_bar(progress, RunJudging.count(groups)) as bar:
+            async with judging_guard():
+                await judging.judge(groups, bar)
+    finally:
+        await judging.aclose()
 
 
 def raise_if_nothing_done(store: RunStore, outcome: RunOutcome, judged: bool = True) -> None:

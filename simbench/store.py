@@ -275,7 +275,16 @@ class RunStore:
     def add_spans(self, rows: list[tuple]) -> None:
         self._write("INSERT OR REPLACE INTO spans VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
-    def span_rows(self, session_prefix: Optional[str] = None) -> list[sqlite3.Row]:
+    def span_rows(self, session_prefix: Optional[str] = None,
+                  session_ids: Optional[Iterable[str]] = None) -> list[sqlite3.Row]:
+        """Stored spans by start time: all, one run's (``session_prefix``) or these sessions' (``session_ids``)."""
+        if session_ids is not None:
+            ids = sorted(set(session_ids))
+            rows: list[sqlite3.Row] = []
+            for i in range(0, len(ids), 500):  # SQLite caps the parameters of one statement
+                chunk = ids[i:i + 500]
+                rows += self._read(f"SELECT * FROM spans WHERE session_id IN ({','.join('?' * len(chunk))})", tuple(chunk))
+            return sorted(rows, key=lambda r: r["start_time"])
         if session_prefix is None:
             return self._read("SELECT * FROM spans ORDER BY start_time")
         return self._read(

@@ -13,7 +13,6 @@ import shlex
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -118,6 +117,27 @@ def test_item2_ctrl_c_while_judging_stops_at_once_and_says_where_to_resume(make_
     assert resumed.returncode == 0, stderr
     assert fake.roles["judge"] - before == planned - stored
     assert _count(db, "SELECT COUNT(*) FROM evaluations WHERE status = 'ok'") == planned
+
+
+@pytest.mark.timeout(300)
+def test_item2_ctrl_c_while_judging_beside_the_simulation_stops_both(make_fake, tmp_path):
+    fake = make_fake(latency=0.3)
+    matrix = _write(tmp_path, base_matrix(fake.base_url, repeats=6, max_turns=3, concurrency=2))  # 12 sessions
+    out = tmp_path / "run"
+    # the first sessions are being judged while later ones are simulated
+    code, stderr, seen = _ctrl_c(["run", matrix, "--out", out, "--no-cache", "-q"], tmp_path,
+                                 lambda: fake.roles["judge"] >= 1, lambda: dict(fake.roles))
+    assert code == 130, stderr
+    # neither side went on: at most what was already on its way when the signal came
+    assert fake.roles["judge"] - seen["judge"] <= 2
+    assert fake.roles["tutor"] + fake.roles["student"] - seen["tutor"] - seen["student"] <= 2
+    db = out / "run.sqlite"
+    assert _count(db, "SELECT COUNT(*) FROM sessions WHERE status = 'running'") > 0  # sessions were cut off
+    assert _count(db, "SELECT COUNT(*) FROM calls") >= fake.chat_calls  # and every call they made is counted
+    fake.latency = 0
+    result = run_cli(matrix, out, "--no-cache", "--resume")
+    assert result.exit_code == 0, result.output
+    assert _count(db, "SELECT COUNT(*) FROM evaluations WHERE status = 'ok'") == 12 * 2
 
 
 def test_item2_ctrl_c_in_judge_exits_130_not_aborted(make_fake, tmp_path):
@@ -383,9 +403,9 @@ def _isolated(stack: list[tuple[str, str]]) -> bool:
 def test_item14_bidi_overrides_in_names_and_model_text_are_isolated(make_fake, tmp_path):
     fake = make_fake(tutor=lambda request: f"tutor {BIDI}txet desrever",
                      judge_reply=lambda prompt, labels: json.dumps({"explanation": f"{BIDI}because", "label": labels[0]}))
-    variant, topic, persona = f"socr{BIDI}atic", f"fractions \u2066x", f"new{BIDI}bie"
+    variant, topic, persona = f"socr{BIDI}atic", "fractions \u2066x", f"new{BIDI}bie"
     matrix = base_matrix(fake.base_url, personas=[{"name": persona, "description": f"{BIDI} a student"}])
-    matrix["tutor"]["variants"] = {variant: "You teach {{ topic.name }}.", f"dir\u202bect": "Explain {{ topic.name }}."}
+    matrix["tutor"]["variants"] = {variant: "You teach {{ topic.name }}.", "dir\u202bect": "Explain {{ topic.name }}."}
     matrix["tutor"]["baseline"] = variant
     matrix["topics"][0]["name"] = topic
     out = tmp_path / "run"

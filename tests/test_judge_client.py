@@ -152,6 +152,6 @@ def test_judge_llm_uses_the_judge_client():
     from simbench.evaluators.judge_client import PostedChatCompletions
 
     http = httpx2.AsyncClient()
-    llm = judge_llm(http, Endpoint("fake", "http://127.0.0.1:9/v1", "fake", API_KEY, 30.0), 100.0)
+    llm = judge_llm(http, Endpoint("fake", "http://127.0.0.1:9/v1", "fake", API_KEY, 30.0), 10)
     assert isinstance(llm._async_client.chat.completions, PostedChatCompletions)
     asyncio.run(http.aclose())

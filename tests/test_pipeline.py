@@ -365,6 +365,44 @@ def test_resume_reruns_an_unfinished_session_as_a_new_attempt(fake, write_matrix
     assert summary["planned"] == 2 and summary["completed"] == 2 and summary["superseded_attempts"] == 1
 
 
+# -- judging beside the simulation ----------------------------------------------------------------
+
+
+def test_sessions_are_judged_while_the_rest_are_simulated(make_fake, write_matrix, tmp_path, open_run):
+    fake = make_fake(latency=0.05)
+    # one session at a time, six of them: the first is judged long before the last one ends
+    result, out, _ = _run(write_matrix, tmp_path, base_matrix(fake.base_url, repeats=3, concurrency=1), "run",
+                          "--no-cache")
+    assert result.exit_code == 0, result.output
+    run = open_run(out)
+    sessions = run.sessions()
+    judgements = run.judgements()
+    assert len(sessions) == 6 and all(s["status"] == "completed" for s in sessions)
+    first_session = min(sessions, key=lambda s: s["ended_at"])
+    first_verdict = min(j["created_at"] for j in judgements if j["session_id"] == first_session["session_id"])
+    assert first_verdict < max(s["ended_at"] for s in sessions)
+    # every session judged once by each judge: no judgement asked twice, none left out
+    assert len(judgements) == 6 * 2 and {j["status"] for j in judgements} == {"ok"}
+    assert fake.roles["judge"] == 6 * 2
+
+
+def test_a_resumed_run_judges_the_sessions_it_completed_before(fake, write_matrix, tmp_path, open_run):
+    from simbench.matrix import load_matrix
+    from simbench.pipeline import run_matrix
+
+    path = write_matrix(base_matrix(fake.base_url))
+    out = tmp_path / "run"
+    run_matrix(load_matrix(path), out, progress=False, judge=False)
+    assert open_run(out).judgements() == []
+    tutor_calls = fake.roles["tutor"]
+
+    result = run_cli(path, out, "--resume", "--no-cache")
+    assert result.exit_code == 0, result.output
+    assert fake.roles["tutor"] == tutor_calls  # nothing simulated again
+    judgements = open_run(out).judgements()
+    assert len(judgements) == 2 * 2 and {j["status"] for j in judgements} == {"ok"}
+
+
 # -- the Python API where an event loop already runs (a notebook) ---------------------------------
 
 

@@ -15,7 +15,7 @@ import math
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 import httpx2
 import pandas as pd
@@ -205,9 +205,11 @@ def turn_rows(item: JudgeInput, judge_sample: int) -> list[dict]:
     return rows
 
 
-def judge_llm(client: httpx2.AsyncClient, endpoint: Endpoint, requests_per_second: float) -> LLM:
+def judge_llm(client: httpx2.AsyncClient, endpoint: Endpoint, concurrency: int) -> LLM:
     """phoenix.evals' LLM on our transport (cache, limits, retries, accounting), without its slow default rate,
     through the client that posts phoenix's request body without openai's transform (``judge_client``)."""
+    # phoenix.evals' own limiter starts at 5 requests/s and would throttle the run; ours governs.
+    requests_per_second = max(100.0, 10.0 * concurrency)
     return LLM(
         provider="openai",
         client=JUDGE_CLIENT,
@@ -217,6 +219,48 @@ def judge_llm(client: httpx2.AsyncClient, endpoint: Endpoint, requests_per_secon
         initial_per_second_request_rate=requests_per_second,
         async_client_kwargs={"http_client": client, "timeout": endpoint.timeout},
     )
+
+
+@contextlib.asynccontextmanager
+async def judging_guard() -> AsyncIterator[None]:
+    """Around all the judging of a command: Ctrl-C cancels the task running the block (and every
+    ``judge_sessions`` under it) and the block ends in ``KeyboardInterrupt``; phoenix.evals' output
+    goes to stderr.
+
+    Each phoenix executor swaps in a SIGINT handler that stops only itself, and concurrent ones can
+    restore a stale one: Ctrl-C stopped one shard while the others went on spending. The event
+    loop's own handler sees every SIGINT whichever Python handler is installed; the handler there
+    before the block is put back after it. (Only in the main thread: a notebook's run has a thread
+    of its own, aio.py, and is stopped by cancelling it.)
+    """
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    before = signal.getsignal(signal.SIGINT)
+    interrupted = False
+
+    def on_sigint() -> None:
+        nonlocal interrupted
+        if not interrupted:
+            interrupted = True
+            task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        watching = True
+    except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no signals here
+        watching = False
+    try:
+        # phoenix.evals reports requeues with tqdm.write on stdout; keep stdout for our results.
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+        task.uncancel()
+        raise KeyboardInterrupt("judging interrupted") from None
+    finally:
+        if watching:
+            loop.remove_signal_handler(signal.SIGINT)
+            signal.signal(signal.SIGINT, before)
 
 
 async def judge_sessions(
@@ -234,12 +278,16 @@ async def judge_sessions(
     progress: Optional[tqdm] = None,
     sample_indices: Optional[Sequence[int]] = None,
     on_unjudged_calls: Optional[Callable[[str, list[CallRecord]], None]] = None,
+    llm: Optional[LLM] = None,
 ) -> None:
     """Judge every input with every definition ``judge_samples`` times; ``on_judgement`` gets each result.
 
-    ``sample_indices``: only these judgement samples (default: ``range(judge_samples)``).
-    ``on_unjudged_calls(session_id, calls)`` gets the calls of judgements cut off by Ctrl-C. Ctrl-C
-    stops every request at once and raises ``KeyboardInterrupt`` (the verdicts so far are reported).
+    ``sample_indices``: only these judgement samples (default: ``range(judge_samples)``). ``llm``:
+    the endpoint's ``judge_llm``, shared by calls that run side by side (made here if not given: it
+    costs tens of milliseconds of CPU).
+    ``on_unjudged_calls(session_id, calls)`` gets the calls of judgements cut off by Ctrl-C. Run it
+    inside ``judging_guard``: Ctrl-C cancels it, which stops every request at once (the verdicts so
+    far are reported). Several may run at once on one event loop.
     """
     if not inputs or not definitions:
         return
@@ -256,9 +304,10 @@ async def judge_sessions(
         if progress is not None:
             progress.update(1)
 
-    # phoenix.evals' own limiter starts at 5 requests/s and would throttle the run; ours governs.
-    client = http_client(endpoint, cache, limiter)
-    llm = judge_llm(client, endpoint, requests_per_second=max(100.0, 10.0 * concurrency))
+    client = None
+    if llm is None:
+        client = http_client(endpoint, cache, limiter)
+        llm = judge_llm(client, endpoint, concurrency)
     # More workers than the model's limiter admits would only sit out phoenix's timeout in our queue.
     workers = max(1, min(concurrency, limiter.limit.maximum, len(rows)))
     # Enough requeues to outwait one request's own timeout (the in-flight request is shared).
@@ -273,28 +322,9 @@ async def judge_sessions(
     # while the row it requeued waits in the queue for ever (seen here: a run stalled on its last
     # row). A target can never drop below one worker.
     shards = [rows[i::workers] for i in range(workers)]
-    sigint = signal.getsignal(signal.SIGINT)
-    # Each phoenix executor swaps in a SIGINT handler that stops only itself, and the last one
-    # started wins: Ctrl-C stopped one shard while the others went on spending. The event loop's own
-    # handler sees every SIGINT whichever Python handler is installed, and stops all shards at once.
-    loop, this = asyncio.get_running_loop(), asyncio.current_task()
-    interrupted = False
-
-    def on_sigint() -> None:
-        nonlocal interrupted
-        if not interrupted:
-            interrupted = True
-            this.cancel()
-
-    try:
-        loop.add_signal_handler(signal.SIGINT, on_sigint)
-        watching = True
-    except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no signals here
-        watching = False
     results = None
     try:
-        # phoenix.evals reports requeues with tqdm.write on stdout; keep stdout for our results.
-        with suppress_tracing(), contextlib.redirect_stdout(sys.stderr):
+        with suppress_tracing():
             results = await asyncio.gather(*(
                 async_evaluate_dataframe(
                     dataframe=pd.DataFrame(shard),
@@ -306,21 +336,13 @@ async def judge_sessions(
                 )
                 for shard in shards
             ))
-    except asyncio.CancelledError:
-        if not interrupted:
-            raise
-    finally:
-        if watching:  # (only in the main thread: a notebook's run has a thread of its own, aio.py)
-            loop.remove_signal_handler(signal.SIGINT)
-            # each executor swaps the SIGINT handler in and out; concurrent ones can restore a stale one
-            signal.signal(signal.SIGINT, sigint)
+    finally:  # also when cancelled (Ctrl-C, see judging_guard): stop what is in flight, keep what was paid
         for judge in judges:
             await judge.stop_in_flight()
-        await client.aclose()
+        if client is not None:
+            await client.aclose()
         if results is None:
             _save_unjudged_calls(judges, on_unjudged_calls)
-    if results is None:
-        raise KeyboardInterrupt("judging interrupted")
     not_run = 0
     for shard, result in zip(shards, results):
         for judge in judges:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from tqdm import tqdm
 
@@ -28,8 +28,10 @@ async def simulate(
     store: RunStore,
     progress: Optional[tqdm] = None,
     counters: Optional[RunCounters] = None,
+    on_completed: Optional[Callable[[SimulatedSession], None]] = None,
 ) -> None:
-    """Simulate ``samples`` with at most ``matrix.concurrency`` sessions in flight."""
+    """Simulate ``samples`` with at most ``matrix.concurrency`` sessions in flight;
+    ``on_completed`` gets each completed session once it is committed (its spans in the file)."""
     gate = asyncio.Semaphore(matrix.concurrency)
     errored = 0
 
@@ -50,6 +52,8 @@ async def simulate(
             store.finish_session(result.session, result.closing_span_id, result.calls)
             if result.session.status == "errored":
                 errored += 1
+            elif on_completed is not None:
+                on_completed(result.session)
             if progress is not None:
                 progress.set_postfix_str(_live_counts(errored, counters), refresh=False)
                 progress.update(1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import pandas as pd
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
@@ -103,10 +103,12 @@ def unflatten(attributes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def spans_dataframe(store: RunStore, session_prefix: Optional[str] = None) -> pd.DataFrame:
-    """The stored spans (optionally of one run: ``session_prefix`` = ``"<run_id>/"``) as the span dataframe."""
+def spans_dataframe(store: RunStore, session_prefix: Optional[str] = None,
+                    session_ids: Optional[Iterable[str]] = None) -> pd.DataFrame:
+    """The stored spans as the span dataframe: all, one run's (``session_prefix`` = ``"<run_id>/"``)
+    or these sessions' (``session_ids``)."""
     records = []
-    for row in store.span_rows(session_prefix):
+    for row in store.span_rows(session_prefix, session_ids):
         attributes = unflatten(json.loads(row["attributes"]))
         record = {
             "context.span_id": row["span_id"],
