@@ -13,7 +13,8 @@ child process, so its CPU time and peak RSS are its own.
 Sessions have 3 tutor + 3 student calls (max_turns 3). Bounds: a session needs 6 sequential calls,
 so simulation cannot beat ``concurrency / (6 x latency)`` sessions/s; judging cannot beat
 ``concurrency / latency`` judgements/s. Every role uses one model, whose limiter admits
-``concurrency`` calls at once, so a whole run cannot beat ``concurrency / latency`` calls/s.
+``concurrency`` calls at once, so a whole run cannot beat ``concurrency / latency`` calls/s (the
+``-own`` scenarios give the judges a model of their own, on the same server, with its own limiter).
 
 A run judges each session as soon as it is committed (beside the simulation), so ``judge64``'s
 judging overlaps its simulation; ``judge64-after`` simulates first (``judge=False``) and judges on
@@ -44,12 +45,15 @@ SCENARIOS = {
     "ceiling": dict(sessions=2000, concurrency=256, latency=0.05, judges=False),
     "judge64": dict(sessions=1000, concurrency=64, latency=2.0, judges=True),
     "judge64-after": dict(sessions=1000, concurrency=64, latency=2.0, judges=True, judge_after=True),
+    "judge64-own": dict(sessions=1000, concurrency=64, latency=2.0, judges=True, judge_model="judge"),
+    "judge64-own-after": dict(sessions=1000, concurrency=64, latency=2.0, judges=True, judge_model="judge",
+                              judge_after=True),
     "cached": dict(sessions=1000, concurrency=64, latency=0.05, judges=True, rerun=True),
     "rss10k": dict(sessions=10000, concurrency=256, latency=0.2, judges=False),
 }
 
 
-def _matrix(base_url: str, sessions: int, concurrency: int) -> str:
+def _matrix(base_url: str, sessions: int, concurrency: int, judge_model: str = "fake") -> str:
     personas = ["impatient", "terse", "anxious", "overconfident", "answer_seeker"]
     topics = ["adding_fractions", "photosynthesis", "python_loops", "solving_linear_equations"]
     repeats = -(-sessions // (len(personas) * len(topics)))
@@ -57,9 +61,10 @@ def _matrix(base_url: str, sessions: int, concurrency: int) -> str:
 name: bench
 models:
   fake: {{base_url: "{base_url}", model: fake, timeout: 120, concurrency: {concurrency}}}
+  judge: {{base_url: "{base_url}", model: fake, timeout: 120, concurrency: {concurrency}}}
 tutor: {{model: fake, variants: {{v: "You are a tutor for {{{{ topic.name }}}}."}}}}
 student: {{model: fake}}
-judges: {{model: fake}}
+judges: {{model: {judge_model}}}
 topics: {json.dumps(topics)}
 personas: {json.dumps(personas)}
 repeats: {repeats}
@@ -100,7 +105,7 @@ def child(spec: dict) -> None:
 
     base_url = spec["base_url"]
     tmp = Path(spec["tmp"])
-    matrix_text, planned = _matrix(base_url, spec["sessions"], spec["concurrency"])
+    matrix_text, planned = _matrix(base_url, spec["sessions"], spec["concurrency"], spec.get("judge_model", "fake"))
     (tmp / "m.yaml").write_text(matrix_text)
     matrix = load_matrix(tmp / "m.yaml")
     stats = lambda: httpx2.get(base_url.removesuffix("/v1") + "/_stats").json()["roles"]
@@ -202,8 +207,9 @@ def report(name: str, r: dict) -> None:
     calls = first["sim_calls_accounted"] + first["judgements"]
     if spec["judges"]:
         end = max(first["sim_wall_s"], first["judge_end_s"])
-        print(f"   whole run: {calls / end:.2f} calls/s from the first session to the last judgement ({end:.1f} s); "
-              f"bound {c / lat:.2f}; ratio {calls / end / (c / lat):.2f}")
+        shared = "" if spec.get("judge_model") else f"; bound {c / lat:.2f}; ratio {calls / end / (c / lat):.2f}"
+        print(f"   whole run: {calls / end:.2f} calls/s from the first session to the last judgement "
+              f"({end:.1f} s){shared}")
     print(f"   harness CPU: {1000 * first['cpu_s'] / max(1, calls):.2f} ms per model call, whole run "
           f"({first['cpu_s']} s / {calls} calls); {1000 * first['sim_cpu_s'] / max(1, first['sim_window_calls']):.2f} ms "
           f"at steady simulation load ({first['sim_cpu_s']} s / {first['sim_window_calls']} calls)")

@@ -435,7 +435,8 @@ async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress,
     """Simulate the sessions still to do and judge every completed session still owing judgements.
 
     With the run's own file as the trace store, each session is judged as soon as it is committed,
-    beside the simulation; a remote store is read once the simulation has sent it every span.
+    beside the simulation (unless the embedded server would serve both: ``judges_alongside``); a
+    remote store is read once the simulation has sent it every span.
     """
     counters = RunCounters()
     limiters = limiters_for(matrix, counters)
@@ -443,7 +444,7 @@ async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress,
     student = Agent(openai_client(endpoints["student"], cache, limiters[endpoints["student"].name]), endpoints["student"],
                     matrix.student.max_tokens, matrix.student.temperature)
     todo = pending_samples(store, matrix.samples(), retry_errors)
-    alongside = judge and remote is None
+    alongside = judge and remote is None and judges_alongside(matrix)
     try:
         with route_spans_to(_span_processor(store, remote)):
             with tqdm(total=len(matrix.samples()), initial=len(matrix.samples()) - len(todo), desc="sessions",
@@ -464,6 +465,17 @@ async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress,
     if judge and not alongside:
         await judge_run(matrix, run_id, store, endpoints, cache, limiters, progress, counters,
                         _session_spans(store, run_id, remote), retry_errors=retry_errors)
+
+
+def judges_alongside(matrix: Matrix) -> bool:
+    """Whether sessions are judged as they are committed, beside the simulation: not when the
+    judges and the simulation both run on the embedded server. Its 4 slots are full while 4
+    sessions run, and judges there only slowed the simulation: the example's run took 210-220 s
+    instead of 170 s (benchmarks/README.md)."""
+    def local(names: list[str]) -> bool:
+        return any(matrix.model_spec(name).provider == "local" for name in names)
+
+    return not (local(matrix.judge_model_names()) and local(matrix.tutor.model_names() + [matrix.model_for("student")[0]]))
 
 
 async def _simulate_judging_alongside(matrix, run_id, todo, tutor, student, store, bar, counters,

@@ -386,6 +386,22 @@ def test_sessions_are_judged_while_the_rest_are_simulated(make_fake, write_matri
     assert fake.roles["judge"] == 6 * 2
 
 
+def test_judges_share_the_embedded_server_only_after_the_simulation(fake, write_matrix):
+    from simbench.matrix import load_matrix
+    from simbench.pipeline import judges_alongside
+
+    def alongside(**roles: str) -> bool:
+        matrix = base_matrix(fake.base_url)
+        matrix["models"]["local"] = {"provider": "local"}
+        for role, model in roles.items():
+            matrix[role]["model"] = model
+        return judges_alongside(load_matrix(write_matrix(matrix)))
+
+    assert alongside()  # every role on a remote model
+    assert alongside(judges="local") and alongside(tutor="local", student="local")  # one side local
+    assert not alongside(tutor="local", judges="local") and not alongside(student="local", judges="local")
+
+
 def test_a_resumed_run_judges_the_sessions_it_completed_before(fake, write_matrix, tmp_path, open_run):
     from simbench.matrix import load_matrix
     from simbench.pipeline import run_matrix
