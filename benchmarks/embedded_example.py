@@ -78,7 +78,7 @@ def measure(config: str, matrix: Path, tree: Path = ROOT) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", help="SLOTSxTHREADS (repeatable); default: 4x1 4x2")
+    parser.add_argument("--config", action="append", help="SLOTSxTHREADS[xBATCH_THREADS] (repeatable); default: 4x1x2")
     parser.add_argument("--matrix", type=Path, default=ROOT / "examples" / "tutor.yaml")
     parser.add_argument("--tree", type=Path, default=ROOT, help="run simbench from this checkout (default: this one)")
     args = parser.parse_args()

@@ -450,13 +450,11 @@ async def _simulate_and_judge(matrix, run_id, store, endpoints, cache, progress,
             with tqdm(total=len(matrix.samples()), initial=len(matrix.samples()) - len(todo), desc="sessions",
                       unit="session", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
                 if alongside:
-                    judging = RunJudging(matrix, store, endpoints, cache, limiters, counters, retry_errors=retry_errors)
-                    try:
+                    async with RunJudging(matrix, store, endpoints, cache, limiters, counters,
+                                          retry_errors=retry_errors) as judging:
                         with judgement_bar(progress) as judged:
                             await _simulate_judging_alongside(matrix, run_id, todo, tutor, student, store, bar,
                                                               counters, judging, judged)
-                    finally:
-                        await judging.aclose()
                 else:
                     await simulate(matrix, run_id, todo, tutor, student, store, bar, counters)
     finally:
@@ -537,14 +535,11 @@ async def judge_run(matrix, run_id, store, endpoints, cache, limiters, progress,
     if spans is None:
         spans = spans_dataframe(store, f"{run_id}/")
     transcripts = [t for t in rebuild_sessions(spans) if t.session_id in latest]
-    judging = RunJudging(matrix, store, endpoints, cache, limiters, counters, retry_errors=retry_errors)
-    groups = judging.plan(transcripts, latest)
-    try:
+    async with RunJudging(matrix, store, endpoints, cache, limiters, counters, retry_errors=retry_errors) as judging:
+        groups = judging.plan(transcripts, latest)
         with judgement_bar(progress, RunJudging.count(groups)) as bar:
             async with judging_guard():
                 await judging.judge(groups, bar)
-    finally:
-        await judging.aclose()
 
 
 def raise_if_nothing_done(store: RunStore, outcome: RunOutcome, judged: bool = True) -> None:

@@ -14,7 +14,6 @@ import sys
 from typing import Optional, Sequence
 
 import httpx2
-import pandas as pd
 from phoenix.evals import LLM
 from tqdm import tqdm
 
@@ -138,13 +137,16 @@ class RunJudging:
                 _save_turn_aggregates(self.store, inputs, names, endpoint.name, turn_verdicts, indices)
 
     def _llm(self, endpoint: Endpoint) -> LLM:
-        """One client and phoenix LLM per judges' endpoint for the whole run (closed by ``aclose``)."""
+        """One client and phoenix LLM per judges' endpoint for the whole run (closed on leaving ``async with``)."""
         if endpoint.name not in self._clients:
             client = http_client(endpoint, self.cache, self.limiters[endpoint.name])
             self._clients[endpoint.name] = (client, judge_llm(client, endpoint, self.matrix.concurrency))
         return self._clients[endpoint.name][1]
 
-    async def aclose(self) -> None:
+    async def __aenter__(self) -> "RunJudging":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
         for client, _ in self._clients.values():
             await client.aclose()
         self._clients.clear()
@@ -217,8 +219,7 @@ async def judge_as_completed(judging: RunJudging, completed: CompletedSessions, 
         async with asyncio.TaskGroup() as running:
             while batch := await completed.take():
                 sessions = {s["session_id"]: s for s in batch}
-                spans = spans_dataframe(judging.store, session_ids=sessions)
-                groups = judging.plan(_transcripts_of(spans, sessions), sessions)
+                groups = judging.plan(rebuild_sessions(spans_dataframe(judging.store, session_ids=sessions)), sessions)
                 if groups:
                     bar.total = (bar.total or 0) + RunJudging.count(groups)
                     bar.refresh()
@@ -226,10 +227,6 @@ async def judge_as_completed(judging: RunJudging, completed: CompletedSessions, 
                     running.create_task(judge_one(group))
     except BaseExceptionGroup as group:  # a judgement's error, as it would be raised without the others
         raise group.exceptions[0] from None
-
-
-def _transcripts_of(spans: pd.DataFrame, sessions: dict[str, dict]) -> list[Transcript]:
-    return [t for t in rebuild_sessions(spans) if t.session_id in sessions] if len(spans) else []
 
 
 def judgement_bar(progress: bool, total: Optional[int] = None) -> tqdm:
